@@ -1,0 +1,70 @@
+"""Method strategy base class and the run context handed to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..data import DataBundle, load_dataset
+from ..io import MetricsLog
+from ..masking import Masking
+from ..models import build_model
+from ..train import Callback, Trainer, set_seed
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs: validated config, run directory, device, metrics log, data."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    metrics: MetricsLog
+    _data: Optional[DataBundle] = field(default=None, repr=False)
+
+    @property
+    def data(self) -> DataBundle:
+        """The dataset, loaded on first use (seeded split)."""
+        if self._data is None:
+            self._data = load_dataset(self.cfg.dataset, seed=int(self.cfg.seed))
+        return self._data
+
+    def new_model(self, seed_offset: int = 0) -> nn.Module:
+        """A freshly initialised model; the init is seeded by ``seed + seed_offset``."""
+        set_seed(int(self.cfg.seed) + seed_offset)
+        return build_model(self.cfg.model, self.data.input_shape, self.data.num_classes)
+
+    def masking(self, model: nn.Module) -> Masking:
+        return Masking(model, exclude=list(self.cfg.model.dense_layers))
+
+    def trainer(self, model: nn.Module, masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (),
+                prefix: str = "", seed_offset: int = 0, start_step: int = 0, trainer_cfg=None) -> Trainer:
+        """A :class:`Trainer` on this run's data, device and metrics log (``trainer_cfg`` overrides the config)."""
+        return Trainer(trainer_cfg if trainer_cfg is not None else self.cfg.trainer, model, self.data, self.device, masking=masking, callbacks=callbacks,
+                       seed=int(self.cfg.seed) + seed_offset, metrics=self.metrics, prefix=prefix,
+                       start_step=start_step)
+
+
+class Method:
+    """A method strategy: ``run()`` trains/prunes and returns its summary table (one row per result).
+
+    Subclasses register with ``@METHODS.register("name", schema=TheirConfig)``.
+    """
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg.method
+
+    def run(self) -> pd.DataFrame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def row(self, **values) -> dict:
+        """A summary row with the run's identity columns first."""
+        c = self.ctx.cfg
+        return {"method": c.method.name, "dataset": c.dataset.name, "model": c.model.name, "seed": int(c.seed),
+                **values}

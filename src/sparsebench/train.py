@@ -1,0 +1,217 @@
+"""The training loop shared by every method.
+
+The loop knows nothing of methods: pruning and sparse-training strategies act through a
+:class:`~sparsebench.masking.Masking` (attached to the optimizer) and :class:`Callback` hooks
+(``on_after_backward`` sees the dense gradients before the step; ``on_step_end`` may change masks).
+Data are in-memory tensors, shuffled with a seeded ``torch.Generator``, so the same seed on CPU gives
+bit-identical metrics.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainerConfig
+from .data import DataBundle, Split
+from .errors import ConfigError, TrainingError
+from .io import MetricsLog
+from .masking import Masking
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Raises ConfigError for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; override what you need. ``trainer.step`` is the global step."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_after_backward(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_optimizer(cfg: TrainerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: TrainerConfig, total_steps: int):
+    """Multiplicative LR factor per step: constant, cosine to 0, or step decay by ``gamma`` at milestones."""
+    if cfg.schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    if cfg.schedule == "step":
+        marks = [int(m * total_steps) for m in cfg.milestones]
+        return lambda s: cfg.gamma ** sum(s >= m for m in marks)
+    return lambda s: 1.0
+
+
+class Trainer:
+    """Train ``model`` on ``data`` with the ``trainer`` config.
+
+    Args:
+        cfg: validated trainer config; ``iterations`` overrides ``epochs`` when set.
+        model: the network (moved to ``device``).
+        data: in-memory dataset; moved to the device when ``cfg.data_on_device``.
+        masking: optional; attached to the optimizer so pruned weights stay exactly zero.
+        callbacks: strategy hooks (see :class:`Callback`).
+        seed: seeds the data order.
+        metrics: long-format log; rows are named ``<prefix>train_loss``, ``<prefix>test_acc``, ...
+        start_step: first step (the LR schedule continues from there; used for late rewinding).
+
+    Raises:
+        TrainingError: non-finite loss (names the step).
+    """
+
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, data: DataBundle, device: torch.device,
+                 masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (), seed: int = 0,
+                 metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0):
+        self.cfg, self.device, self.seed = cfg, device, seed
+        self.model = model.to(device)
+        self.data = data.to(device) if cfg.data_on_device else data
+        self.masking = masking
+        self.callbacks: List[Callback] = list(callbacks)
+        self.metrics, self.prefix = metrics, prefix
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        if masking is not None:
+            masking.attach(self.optimizer)
+            masking.apply_()
+        n = len(self.data.train)
+        self.steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        self.total_steps = cfg.iterations or cfg.epochs * self.steps_per_epoch
+        factor = lr_lambda(cfg, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s + start_step))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = start_step  # > 0 when resuming from a rewind point (LTH with k > 0)
+        self.epoch = 0
+        self.batch: Optional[tuple] = None  # (x, y) of the current step, for callbacks
+        self.loss: Optional[torch.Tensor] = None
+        self.time_in_callbacks = 0.0
+        self.time_training = 0.0
+
+    # ------------------------------------------------------------------ pieces
+    def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "mse":
+            return F.mse_loss(out, F.one_hot(y, out.shape[1]).to(out.dtype))
+        return F.cross_entropy(out, y)
+
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> Dict[str, float]:
+        """Mean loss and accuracy of the current model on ``split`` (eval mode, batched)."""
+        if len(split) == 0:
+            return {"loss": float("nan"), "acc": float("nan")}
+        was = self.model.training
+        self.model.eval()
+        total_loss, correct = 0.0, 0
+        bs = self.cfg.eval_batch_size
+        for i in range(0, len(split), bs):
+            x = split.x[i:i + bs].to(self.device, non_blocking=True)
+            y = split.y[i:i + bs].to(self.device, non_blocking=True)
+            out = self.model(x)
+            total_loss += float(self.loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+        self.model.train(was)
+        return {"loss": total_loss / len(split), "acc": correct / len(split)}
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite training loss ({float(loss)}) at step {self.step}; stopping "
+                                f"(lower trainer.lr or check the data)")
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.batch = (x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        if self.cfg.nan_check and self.device.type == "cpu":
+            self._check_finite(loss.detach())
+        loss.backward()
+        self.loss = loss.detach()
+        if self.callbacks:
+            t = time.perf_counter()
+            for cb in self.callbacks:
+                cb.on_after_backward(self)
+            self.time_in_callbacks += time.perf_counter() - t
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.callbacks:
+            t = time.perf_counter()
+            for cb in self.callbacks:
+                cb.on_step_end(self)
+            self.time_in_callbacks += time.perf_counter() - t
+        return self.loss
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(self.step, {self.prefix + k: v for k, v in metrics.items()})
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Dict[str, float]:
+        """Train until ``total_steps``; returns final ``{val_acc, test_acc, test_loss, ...}``."""
+        self.model.train()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        train = self.data.train
+        n, bs = len(train), self.cfg.batch_size
+        t_start = time.perf_counter()
+        while self.step < self.total_steps:
+            perm = torch.randperm(n, generator=self.generator).to(train.x.device)
+            running = torch.zeros((), device=self.device)
+            steps = 0
+            for i in range(0, n, bs):
+                if self.step >= self.total_steps:
+                    break
+                idx = perm[i:i + bs]
+                x, y = train.x[idx], train.y[idx]
+                if x.device != self.device:
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                running += self.train_step(x, y)
+                steps += 1
+            self.epoch += 1
+            if self.cfg.nan_check:
+                self._check_finite(running)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self)
+            last = self.step >= self.total_steps
+            if last or self.epoch % self.cfg.eval_every == 0:
+                m = {"train_loss": float(running) / max(1, steps), "lr": self.scheduler.get_last_lr()[0]}
+                m.update({f"val_{k}": v for k, v in self.evaluate(self.data.val).items()})
+                m.update({f"test_{k}": v for k, v in self.evaluate(self.data.test).items()})
+                if self.masking is not None:
+                    m["density"] = self.masking.density()
+                self._log(m)
+        self.time_training = time.perf_counter() - t_start
+        final = {f"val_{k}": v for k, v in self.evaluate(self.data.val).items()}
+        final.update({f"test_{k}": v for k, v in self.evaluate(self.data.test).items()})
+        final["train_seconds"] = self.time_training
+        final["steps"] = self.step
+        return final
