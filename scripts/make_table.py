@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Regenerate one paper table: ``python scripts/make_table.py T003-imp [--quick] [--out DIR]``.
+
+Runs ``experiments/<ID>.yaml`` (finished runs are reused via their config hash) and writes
+``results/<ID>.csv`` with the reported values beside the measured ones.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from sparsebench.errors import SparsebenchError  # noqa: E402
+from sparsebench.tables import make_table  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("table_id")
+    ap.add_argument("--quick", action="store_true", help="append the spec's 'quick' overrides (smoke test)")
+    ap.add_argument("--out", default=None, help="output directory (default results/)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds overriding the spec's")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    a = ap.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
+    try:
+        path = make_table(a.table_id, quick=a.quick, out_dir=a.out, extra=a.overrides, seeds=seeds)
+    except SparsebenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
