@@ -16,12 +16,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from hydra.errors import HydraException
+
 from .config import validate
+from .errors import ConfigError
 from .io import MetricsLog, atomic_write_csv, atomic_write_json
 from .rundir import config_hash, prepare_run_dir
 
 CONF_DIR = Path(os.environ.get("SPARSEBENCH_CONF", Path(__file__).resolve().parents[2] / "conf"))
-GROUPS = ("dataset", "model", "method", "trainer", "logger", "experiment")
+GROUPS = ("dataset", "model", "method", "trainer", "logger")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
@@ -30,10 +33,34 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from .config import register_schemas
+
+    register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        except HydraException as err:
+            raise ConfigError(hydra_error_line(err)) from None
+
+
+def hydra_error_line(err: Exception) -> str:
+    """Hydra's composition error as one line naming the key (its first line, plus the cause's key)."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    import re
+
+    m = re.match(r"Could not override '([^']+)'", msg)
+    if m or (cause is not None and "not in struct" in str(cause)):
+        key = m.group(1) if m else key
+        msg = f"{key}: unknown key (it is not in the group's schema; see conf/ and sparsebench/config.py)"
+    elif cause is not None and getattr(cause, "msg", None) and "Value" in str(cause.msg):
+        msg = f"{key}: {str(cause.msg).splitlines()[0]}"
+    return msg
 
 
 def _wandb_sink(cfg: DictConfig, run_id: str, run_dir: Path):

@@ -7,8 +7,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .api import CONF_DIR, GROUPS, execute
+from .api import CONF_DIR, GROUPS, compose, execute
+from .config import register_schemas, validate
 from .errors import SparsebenchError
+
+register_schemas()
 
 
 def _debug() -> bool:
@@ -45,10 +48,20 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(err.exit_code)
 
 
+def _preflight(argv) -> None:
+    """Compose and validate a single run before Hydra starts, so bad input fails in one line."""
+    check_group_overrides(argv)
+    if any(a.startswith("-") for a in argv):  # --multirun, --help, --cfg ...: leave to Hydra
+        return
+    validate(compose(argv))
+
+
 def main() -> None:
     try:
-        check_group_overrides(sys.argv[1:])
+        _preflight(sys.argv[1:])
     except SparsebenchError as err:
+        if _debug():
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     _hydra_main()

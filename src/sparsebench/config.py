@@ -248,3 +248,21 @@ def _check_combination(groups: dict) -> None:
     if model.arch == "wrn" and ds.name in TABULAR:
         raise ConfigError(f"model={model.name}: a WideResNet needs image data; dataset={ds.name} is tabular "
                           f"(use model=mlp, lenet300_100 or fc5)")
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore so YAML group files can extend it.
+
+    Each group file starts with ``defaults: [_schema, _self_]`` (methods: ``[_schema_<name>, _self_]``),
+    which makes every schema key overridable from the command line without ``+`` and lets Hydra reject
+    unknown keys and wrong types at composition time.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from .methods import METHODS
+
+    cs = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="_schema", node=schema)
+    for name in METHODS.names():
+        cs.store(group="method", name=f"_schema_{name}", node=METHODS.schema(name) or MethodConfig)

@@ -13,9 +13,10 @@ torchvision's published sums and extracted once into ``$SPARSEBENCH_CACHE`` (def
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -26,6 +27,7 @@ import torch
 from ._torchvision import import_torchvision
 from .config import DatasetConfig
 from .errors import DataError
+from .io import atomic_write
 
 IMAGE_STATS = {  # per-channel mean/std of the training images (standard values)
     "mnist": ((0.1307,), (0.3081,)),
@@ -124,8 +126,6 @@ def _missing_message(cfg: DatasetConfig, root: Path, files) -> str:
 
 def _prepare_idx_root(cfg: DatasetConfig, root: Path, tv_cls) -> Path:
     """Return a root under which ``<Class>/raw`` holds the uncompressed IDX files torchvision reads."""
-    from torchvision.datasets.utils import extract_archive
-
     folder = tv_cls.__name__
     raw = root / folder / "raw"
     names = [Path(url).name for url, _ in tv_cls.resources]  # *.gz
@@ -152,9 +152,8 @@ def _prepare_idx_root(cfg: DatasetConfig, root: Path, tv_cls) -> Path:
             if cfg.verify_md5 and _md5(src) != md5:
                 raise DataError(f"dataset {cfg.name}: {src} is corrupted (md5 {_md5(src)} != published {md5}); "
                                 f"replace it with the original file")
-            with tempfile.TemporaryDirectory(dir=target) as tmp:
-                extract_archive(str(src), os.path.join(tmp, p))
-                os.replace(os.path.join(tmp, p), out)
+            with gzip.open(src, "rb") as fin:
+                atomic_write(out, lambda f: shutil.copyfileobj(fin, f, 1 << 20))
         else:
             out.write_bytes(src.read_bytes())
         stamp.write_text(ident)
