@@ -184,6 +184,12 @@ HASH_EXCLUDE = ("logger", "out_dir", "results_csv", "resume", "dataset.root", "d
                 "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.checkpoint_every")
 
 
+# Keys added after the first release, with the value that makes them a no-op. A key at its no-op value
+# is left out of the run hash, so adding a key never changes the identity of existing runs.
+# Every new schema key MUST be listed here (tests/test_runs.py pins the hash of a fixed config).
+NOOP_DEFAULTS: dict = {}
+
+
 def _format_omegaconf_error(group: str, err: OmegaConfBaseException, allowed: List[str]) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     key = f"{group}.{key}" if not str(key).startswith(group) else str(key)

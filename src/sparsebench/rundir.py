@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import HASH_EXCLUDE
+from .config import HASH_EXCLUDE, NOOP_DEFAULTS
 from .io import atomic_write_text
 
 
@@ -36,6 +36,13 @@ def hashable_config(cfg: DictConfig) -> Dict[str, Any]:
     d.pop("hydra", None)
     for key in HASH_EXCLUDE:
         _drop(d, key)
+    for key, noop in NOOP_DEFAULTS.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and leaf in node and node[leaf] == noop:
+            del node[leaf]
     return d
 
 

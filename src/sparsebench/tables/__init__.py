@@ -115,6 +115,8 @@ def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = Non
                seeds: Optional[List[int]] = None) -> Path:
     """Run ``experiments/<table_id>.yaml`` and write its CSV; failed cells are reported, not fatal."""
     spec = load_spec(table_id)
+    if quick:
+        spec["scale"] = f"QUICK SMOKE TEST (overrides {' '.join(spec.get('quick', []))}); full: {spec['scale']}"
     runs, failed = run_spec(spec, quick=quick, extra=extra, seeds=seeds)
     table = get_builder(spec)(spec, runs)
     if failed:

@@ -21,11 +21,13 @@ def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
             density = float(rg["density"].mean())
             reported = "dense reference" if rnd == 0 else ""
             extra = {"schedule": schedule, "round": int(rnd), "density": density}
-            if rnd == closest and rnd != 0:
+            if rnd == closest and rnd != 0 and abs(density - 0.017) < 0.01:
                 acc = float(rg["test_acc"].mean())
                 reported = "matches dense at about 1.7% of the weights"
                 extra["claim_holds"] = bool(acc >= dense_acc - 0.01)
                 extra["note"] = f"dense {dense_acc:.4f} vs ticket {acc:.4f} at density {density:.4f}"
             out.append(rows(spec, f"{schedule}, round {int(rnd)}, density {density:.4f}", "test_acc",
                             rg["test_acc"].tolist(), reported, **extra))
+        if not any("claim_holds" in r for r in out):
+            out[-1]["note"] = "did not reach ~1.7% density (claim not checked)"
     return pd.DataFrame(out)

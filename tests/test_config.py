@@ -1,0 +1,78 @@
+"""Config composition and validation: every group composes, bad input fails in one line naming the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsebench.api import CONF_DIR, compose
+from sparsebench.config import validate
+from sparsebench.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_dataset_model_combination_composes(dataset, model):
+    cfg = compose([f"dataset={dataset}", f"model={model}"])
+    if model.startswith("wrn") and dataset in ("iris", "digits"):
+        with pytest.raises(ConfigError, match=r"^model=wrn.*tabular"):
+            validate(cfg)
+    else:
+        v = validate(cfg)
+        assert v.dataset.name == dataset and v.model.name == model
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["method=magnitude", "method.density=1.5"], "method.density"),
+    (["method=magnitude", "method.density=0"], "method.density"),
+    (["trainer.lr=-0.1"], "trainer.lr"),
+    (["model=wrn28x5", "dataset=mnist", "model.depth=27"], "model.depth"),
+    (["method.prune_rate=1.0"], "method.prune_rate"),
+    (["trainer.optimizer=adagrad"], "trainer.optimizer"),
+    (["trainer.batch_size=0"], "trainer.batch_size"),
+    (["dataset.val_fraction=1.0"], "dataset.val_fraction"),
+])
+def test_bad_values_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose(overrides))
+    msg = str(err.value)
+    assert msg.startswith(key) and "\n" not in msg
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["method.foo=1"], "method.foo"),
+    (["trainer.lr=fast"], "trainer.lr"),
+    (["method.rounds=abc"], "method.rounds"),
+])
+def test_unknown_key_or_wrong_type_fails_at_compose(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_every_group_file_extends_its_schema():
+    for path in CONF_DIR.glob("*/*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        defaults = data.get("defaults", [])
+        want = f"_schema_{data['name']}" if path.parent.name == "method" else "_schema"
+        assert want in defaults, f"{path}: add 'defaults: [{want}, _self_]'"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["method=nope"], "method=nope: unknown option (allowed:"),
+    (["method.density=2", "method=magnitude"], "method.density=2.0: density must be in (0, 1]"),
+    (["model=wrn28x5"], "model=wrn28x5: a WideResNet needs image data"),
+    (["trainer.momentum=x"], "trainer.momentum"),
+])
+def test_cli_prints_one_line_and_exits_2(args, needle, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), f"out_dir={tmp_path}", *args], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
