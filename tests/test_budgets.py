@@ -1,0 +1,123 @@
+"""Layer-wise density budgets against hand-computed fixtures; exact global density."""
+import math
+
+import pytest
+import torch
+
+from sparsebench.budgets import BUDGETS, layer_counts, layer_densities, random_masks
+from sparsebench.errors import ConfigError
+from sparsebench.masking import Masking
+from sparsebench.models import MLP, WideResNet
+
+
+def lenet():
+    torch.manual_seed(0)
+    return Masking(MLP(784, 10, [300, 100]))
+
+
+def wrn10_1():
+    torch.manual_seed(0)
+    return Masking(WideResNet(3, 10, depth=10, width=1))
+
+
+def test_erk_lenet300_100_density_01_hand_computed():
+    # N = 235200 + 30000 + 1000 = 266200, target = 26620 active weights.
+    # ERK raw density (n_in + n_out) / (n_in n_out); raw * numel = n_in + n_out = 1084, 400, 110.
+    # eps = 26620 / (1084 + 400 + 110) = 16.70 -> output layer 0.11 * 16.70 = 1.84 > 1: saturated, dense (1000).
+    # re-solve: eps = 25620 / (1084 + 400) = 17.2642 -> 1084 eps = 18714.34, 400 eps = 6905.66 (< numel).
+    # largest remainder: floors sum to 25619, the +1 goes to layer 2 (.66 > .34).
+    counts = layer_counts(lenet(), 0.1, "erk")
+    assert counts == {"layers.0.weight": 18714, "layers.2.weight": 6906, "layers.4.weight": 1000}
+    assert sum(counts.values()) == 26620
+
+
+def test_erk_wrn_saturates_layers_and_resolves_scale():
+    # WRN-10-1: sum(shape) per layer (= raw ERK density * numel), kernels included:
+    # conv1 25, b0.conv1 38, b0.conv2 38, b1.conv1 54, b1.conv2 70, b1.shortcut 50, b2.conv1 102,
+    # b2.conv2 134, b2.shortcut 98, fc 74; sum 683; N = 77360, density 0.1 -> 7736.
+    # eps = 7736/683 = 11.33: fc (0.1156 eps = 1.31) and b1.shortcut (0.0977 eps = 1.11) saturate.
+    # re-solve: eps = (7736 - 640 - 512) / (683 - 74 - 50) = 6584 / 559 = 11.7782, nothing else saturates.
+    # 25 eps = 294.45, 38 eps = 447.57, 54 eps = 636.02, 70 eps = 824.47, 102 eps = 1201.37,
+    # 134 eps = 1578.28, 98 eps = 1154.26; floors sum to 6581, +1 to the three largest remainders
+    # (b0.conv1 .57, b0.conv2 .57, b1.conv2 .47).
+    counts = layer_counts(wrn10_1(), 0.1, "erk")
+    assert counts == {"conv1.weight": 294, "blocks.0.conv1.weight": 448, "blocks.0.conv2.weight": 448,
+                      "blocks.1.conv1.weight": 636, "blocks.1.conv2.weight": 825, "blocks.1.shortcut.weight": 512,
+                      "blocks.2.conv1.weight": 1201, "blocks.2.conv2.weight": 1578,
+                      "blocks.2.shortcut.weight": 1154, "fc.weight": 640}
+    # density 0.3: conv1, b1.shortcut, b2.shortcut and fc saturate; eps = 19576 / 436 = 44.899
+    c3 = layer_counts(wrn10_1(), 0.3, "erk")
+    dense = {n for n, c in c3.items() if c == wrn10_1().weight(n).numel()}
+    assert dense == {"conv1.weight", "blocks.1.shortcut.weight", "blocks.2.shortcut.weight", "fc.weight"}
+    assert c3["blocks.1.conv2.weight"] == 3143 and c3["blocks.2.conv2.weight"] == 6016
+    assert c3["blocks.1.conv1.weight"] == 2425 and c3["blocks.2.conv1.weight"] == 4580
+
+
+def test_er_ignores_kernel_dims_and_uniform_plus_constraints():
+    mk = wrn10_1()
+    er = layer_densities(mk, 0.05, "er")
+    erk = layer_densities(mk, 0.05, "erk")
+    # ER uses (n_in + n_out)/(n_in n_out) only, so a 3x3 conv and a 1x1 shortcut with the same
+    # channels (16 -> 32) get the same density; ERK adds the kernel dims: (32+16+2)/512 vs (32+16+6)/4608
+    assert er["blocks.1.conv1.weight"] == pytest.approx(er["blocks.1.shortcut.weight"], abs=1e-3)
+    assert erk["blocks.1.shortcut.weight"] > 5 * erk["blocks.1.conv1.weight"]
+    # uniform+ at 0.9: first layer dense (235200), output 0.9 * 1000 = 900, layer 2 gets the rest:
+    # 239580 - 236100 = 3480 of 30000
+    up = layer_counts(lenet(), 0.9, "uniform+")
+    assert up == {"layers.0.weight": 235200, "layers.2.weight": 3480, "layers.4.weight": 900}
+
+
+def test_uniform_plus_infeasible_raises_config_error():
+    # first layer alone (235200 of 266200 weights) exceeds a 10% budget
+    with pytest.raises(ConfigError, match="method.density"):
+        layer_counts(lenet(), 0.1, "uniform+")
+
+
+@pytest.mark.parametrize("budget", ["uniform", "er", "erk", "erk+", "global", "snip_ratio"])
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.0317, 0.005])
+def test_realised_global_density_exact_to_one_weight(budget, density):
+    for mk in (lenet(), wrn10_1()):
+        total = sum(w.numel() for _, w, _ in mk.items())
+        scores = {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) for n, w, _ in mk.items()}
+        if budget == "erk+" and mk.weight(mk.output_layer).numel() > round(density * total):
+            with pytest.raises(ConfigError, match="method.density"):  # dense output layer alone is over budget
+                layer_counts(mk, density, budget)
+            continue
+        counts = layer_counts(mk, density, budget, scores=scores)
+        assert sum(counts.values()) == round(density * total)
+        masks = random_masks(mk, counts, torch.Generator().manual_seed(0))
+        mk.set_masks(masks)
+        assert abs(mk.density() * total - density * total) <= 1.0
+        for n, w, m in mk.items():
+            assert int(m.sum()) == counts[n] <= w.numel()
+
+
+def test_erk_beats_uniform_on_small_layers_and_erk_plus_keeps_output_dense():
+    u = layer_densities(lenet(), 0.05, "uniform")
+    e = layer_densities(lenet(), 0.05, "erk")
+    ep = layer_densities(lenet(), 0.05, "erk+")
+    assert all(abs(d - 0.05) < 1e-3 for d in u.values())
+    assert e["layers.0.weight"] < 0.05 < e["layers.2.weight"] < e["layers.4.weight"]
+    assert ep["layers.4.weight"] == 1.0
+
+
+def test_dense_patterns_and_snip_ratio():
+    mk = lenet()
+    c = layer_counts(mk, 0.2, "erk", dense=["layers.2.*"])
+    assert c["layers.2.weight"] == 30000 and sum(c.values()) == round(0.2 * 266200)
+    # snip_ratio: per-layer densities of the global top-k of the scores
+    scores = {"layers.0.weight": torch.zeros(300, 784), "layers.2.weight": torch.ones(100, 300),
+              "layers.4.weight": torch.full((10, 100), 2.0)}
+    sr = layer_counts(mk, 0.2, "snip_ratio", scores=scores)
+    assert sr == {"layers.0.weight": 53240 - 31000, "layers.2.weight": 30000, "layers.4.weight": 1000}
+    with pytest.raises(ConfigError, match="snip_ratio"):
+        layer_counts(mk, 0.2, "snip_ratio")
+
+
+def test_bad_budget_and_density_raise():
+    with pytest.raises(ConfigError, match="method.budget"):
+        layer_counts(lenet(), 0.1, "nope")
+    with pytest.raises(ConfigError, match="method.density"):
+        layer_counts(lenet(), 1.5, "erk")
+    assert set(BUDGETS.names()) >= {"uniform", "uniform+", "er", "erk", "erk+", "snip_ratio", "global"}
+    assert math.isclose(sum(layer_counts(lenet(), 1.0, "erk").values()), 266200)
