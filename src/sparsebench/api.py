@@ -107,9 +107,14 @@ def execute(cfg: DictConfig, quiet: bool = False) -> pd.DataFrame:
         device = resolve_device(cfg.trainer.device)
         if cfg.trainer.num_threads:
             torch.set_num_threads(int(cfg.trainer.num_threads))
-        say(f"run {run_id}: method={cfg.method.name} dataset={cfg.dataset.name} model={cfg.model.name} "
+        say(f"run {run_id}: {'resuming ' if any((run_dir / 'checkpoints').glob('*.pt')) and cfg.resume else ''}method={cfg.method.name} dataset={cfg.dataset.name} model={cfg.model.name} "
             f"device={device} -> {run_dir}")
-        metrics = MetricsLog(run_dir / "metrics.csv")
+        # an interrupted run resumes: keep its metrics only when checkpoints exist to continue from
+        resuming = cfg.resume and any((run_dir / "checkpoints").glob("*.pt"))
+        if not resuming:
+            for stale in (run_dir / "checkpoints").glob("*.pt"):
+                stale.unlink()
+        metrics = MetricsLog(run_dir / "metrics.csv", resume=resuming)
         wb_run, sink = _wandb_sink(cfg, run_id, run_dir)
         if sink:
             metrics.sinks.append(sink)

@@ -41,6 +41,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Python, numpy, torch CPU (and CUDA) global RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Callback:
     """Hooks into :class:`Trainer`; override what you need. ``trainer.step`` is the global step."""
 
@@ -87,6 +103,8 @@ class Trainer:
         seed: seeds the data order.
         metrics: long-format log; rows are named ``<prefix>train_loss``, ``<prefix>test_acc``, ...
         start_step: first step (the LR schedule continues from there; used for late rewinding).
+        checkpoint: file for the full training state, written atomically every ``cfg.checkpoint_every``
+            epochs and at the end; when it exists at :meth:`fit`, training resumes from it exactly.
 
     Raises:
         TrainingError: non-finite loss (names the step).
@@ -94,7 +112,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, model: nn.Module, data: DataBundle, device: torch.device,
                  masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (), seed: int = 0,
-                 metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0):
+                 metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0,
+                 checkpoint: Optional[str] = None):
         self.cfg, self.device, self.seed = cfg, device, seed
         self.model = model.to(device)
         self.data = data.to(device) if cfg.data_on_device else data
@@ -117,6 +136,8 @@ class Trainer:
         self.loss: Optional[torch.Tensor] = None
         self.time_in_callbacks = 0.0
         self.time_training = 0.0
+        self.checkpoint = checkpoint
+        self.last_checkpoint: Optional[str] = None
 
     # ------------------------------------------------------------------ pieces
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -144,8 +165,55 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite training loss ({float(loss)}) at step {self.step}; stopping "
+            last = (f"last good checkpoint: {self.last_checkpoint} (epoch {self._ckpt_epoch})" if self.last_checkpoint
+                    else "no checkpoint written yet")
+            raise TrainingError(f"non-finite training loss ({float(loss)}) at step {self.step}; stopping; {last} "
                                 f"(lower trainer.lr or check the data)")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-exactly: model (with masks), optimizer, LR schedule, step,
+        data-order generator, global RNG states, callback states and the metrics row count."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "generator": self.generator.get_state(), "rng": rng_state(),
+                "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "metrics_rows": len(self.metrics.rows) if self.metrics is not None else 0,
+                "time_in_callbacks": self.time_in_callbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        for cb, cs in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cs)
+        if self.metrics is not None:
+            del self.metrics.rows[int(state["metrics_rows"]):]
+        self.time_in_callbacks = float(state.get("time_in_callbacks", 0.0))
+
+    _ckpt_epoch = 0
+
+    def save_checkpoint(self) -> None:
+        """Flush the metrics log, then write the checkpoint atomically (a full disk keeps the old one)."""
+        from .io import atomic_torch_save
+
+        if self.metrics is not None:
+            self.metrics.flush()
+        atomic_torch_save(self.checkpoint, self.state_dict())
+        self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
+
+    def maybe_resume(self) -> bool:
+        """Load ``self.checkpoint`` if it exists; returns whether training resumed."""
+        import os
+
+        if self.checkpoint and os.path.isfile(self.checkpoint):
+            self.load_state_dict(torch.load(self.checkpoint, map_location=self.device, weights_only=False))
+            self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
+            return True
+        return False
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.batch = (x, y)
@@ -178,8 +246,10 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         """Train until ``total_steps``; returns final ``{val_acc, test_acc, test_loss, ...}``."""
         self.model.train()
+        resumed = self.maybe_resume()
         for cb in self.callbacks:
-            cb.on_train_start(self)
+            if not resumed:
+                cb.on_train_start(self)
         train = self.data.train
         n, bs = len(train), self.cfg.batch_size
         t_start = time.perf_counter()
@@ -209,6 +279,9 @@ class Trainer:
                 if self.masking is not None:
                     m["density"] = self.masking.density()
                 self._log(m)
+            every = self.cfg.checkpoint_every
+            if self.checkpoint and (last or (every and self.epoch % every == 0)):
+                self.save_checkpoint()
         self.time_training = time.perf_counter() - t_start
         final = {f"val_{k}": v for k, v in self.evaluate(self.data.val).items()}
         final.update({f"test_{k}": v for k, v in self.evaluate(self.data.test).items()})

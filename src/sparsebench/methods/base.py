@@ -44,10 +44,34 @@ class RunContext:
 
     def trainer(self, model: nn.Module, masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (),
                 prefix: str = "", seed_offset: int = 0, start_step: int = 0, trainer_cfg=None) -> Trainer:
-        """A :class:`Trainer` on this run's data, device and metrics log (``trainer_cfg`` overrides the config)."""
-        return Trainer(trainer_cfg if trainer_cfg is not None else self.cfg.trainer, model, self.data, self.device, masking=masking, callbacks=callbacks,
-                       seed=int(self.cfg.seed) + seed_offset, metrics=self.metrics, prefix=prefix,
-                       start_step=start_step)
+        """A :class:`Trainer` on this run's data, device and metrics log (``trainer_cfg`` overrides the config).
+
+        Its checkpoint file is ``checkpoints/<prefix or 'train'>.pt`` in the run directory, so every phase
+        of a method (e.g. each IMP round) resumes on its own after an interruption.
+        """
+        return Trainer(trainer_cfg if trainer_cfg is not None else self.cfg.trainer, model, self.data, self.device,
+                       masking=masking, callbacks=callbacks, seed=int(self.cfg.seed) + seed_offset,
+                       metrics=self.metrics, prefix=prefix, start_step=start_step,
+                       checkpoint=str(self.checkpoint_path(prefix.strip("/").replace("/", "_") or "train")))
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{name}.pt"
+
+    def save_state(self, name: str, state: dict) -> None:
+        """Save a method's own state (e.g. the IMP round) atomically, with the metrics row count."""
+        from ..io import atomic_torch_save
+
+        self.metrics.flush()
+        atomic_torch_save(self.checkpoint_path(name), {**state, "metrics_rows": len(self.metrics.rows)})
+
+    def load_state(self, name: str) -> Optional[dict]:
+        """The state saved by :meth:`save_state`, or None; truncates the metrics log to match it."""
+        path = self.checkpoint_path(name)
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        del self.metrics.rows[int(state["metrics_rows"]):]
+        return state
 
 
 class Method:

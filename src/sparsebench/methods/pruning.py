@@ -106,6 +106,12 @@ class RewindCapture(Callback):
         if self.k == trainer.step:
             self._capture(trainer)
 
+    def state_dict(self) -> dict:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"]
+
     def on_step_end(self, trainer) -> None:
         if self.weights is None and trainer.step == self.k:
             self._capture(trainer)
@@ -139,8 +145,14 @@ class LotteryTicketIMP(Method):
         model = ctx.new_model()
         masking = ctx.masking(model)
         capture = RewindCapture(cfg.rewind_step)
-        rows = []
-        for rnd in range(cfg.rounds + 1):
+        rows, first = [], 0
+        saved = self.ctx.load_state("lth_state")
+        if saved is not None:  # resume after the last finished round
+            rows, first = saved["rows"], saved["round"] + 1
+            capture.weights = saved["rewind"]
+            model.load_state_dict(saved["model"])
+            model.to(ctx.device)
+        for rnd in range(first, cfg.rounds + 1):
             if rnd > 0:
                 if cfg.scope == "global":
                     keep = (cfg.target_density ** (1.0 / cfg.rounds) if cfg.target_density is not None
@@ -162,6 +174,8 @@ class LotteryTicketIMP(Method):
             rows.append(row)
             ctx.metrics.log(trainer.step, {f"round{rnd}/density": row["density"]})
             print(f"  round {rnd:2d}  density {row['density']:.4f}  test_acc {row['test_acc']:.4f}", flush=True)
+            self.ctx.save_state("lth_state", {"round": rnd, "rows": rows, "rewind": capture.weights,
+                                              "model": model.state_dict()})
         return pd.DataFrame(rows)
 
     def _reinit_control(self, masks: Dict[str, torch.Tensor], rnd: int) -> Dict[str, float]:
