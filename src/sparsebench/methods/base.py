@@ -58,20 +58,22 @@ class RunContext:
         return self.run_dir / "checkpoints" / f"{name}.pt"
 
     def save_state(self, name: str, state: dict) -> None:
-        """Save a method's own state (e.g. the IMP round) atomically, with the metrics row count."""
+        """Save a method's own state (e.g. the IMP round) atomically, flushing the metrics log first."""
         from ..io import atomic_torch_save
 
         self.metrics.flush()
         atomic_torch_save(self.checkpoint_path(name), {**state, "metrics_rows": len(self.metrics.rows)})
 
     def load_state(self, name: str) -> Optional[dict]:
-        """The state saved by :meth:`save_state`, or None; truncates the metrics log to match it."""
+        """The state saved by :meth:`save_state`, or None.
+
+        The metrics log is not truncated here: the rows on disk were flushed at this save or at a later
+        trainer checkpoint, which truncates to its own count when it is loaded.
+        """
         path = self.checkpoint_path(name)
         if not path.is_file():
             return None
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        del self.metrics.rows[int(state["metrics_rows"]):]
-        return state
+        return torch.load(path, map_location=self.device, weights_only=False)
 
 
 class Method:
