@@ -1,0 +1,429 @@
+"""k-nearest-neighbour graphs behind one interface: exact (brute, faiss flat) and approximate backends.
+
+Every backend is a :class:`NeighborBackend` strategy registered in :data:`GRAPH_BACKENDS` under its
+config name (``method.backend``):
+
+=============== ======= ==============================================================================
+name            exact   what
+=============== ======= ==============================================================================
+``brute``       yes     blocked torch matmul ``|q|^2 - 2 q.x + |x|^2`` + ``torch.topk``, CPU or CUDA;
+                        the selected neighbours' distances are recomputed exactly
+``faiss``       yes     faiss ``IndexFlatL2`` (Johnson et al. 2019)
+``faiss_ivf``   no      faiss ``IndexIVFFlat`` (inverted file over a k-means coarse quantiser)
+``faiss_hnsw``  no      faiss ``IndexHNSWFlat`` (Malkov & Yashunin 2018)
+``pynndescent`` no      NN-descent (Dong et al. 2011) as implemented by pynndescent (McInnes)
+=============== ======= ==============================================================================
+
+:func:`knn_graph` returns a :class:`KnnGraph` (``(n, k)`` neighbour indices and Euclidean distances,
+the point itself excluded), :func:`knn_search` answers queries against a separate base set (the kNN
+classifier), and :func:`recall_at_k` measures an approximate graph against an exact one.
+
+pynndescent compiles its numba kernels on first use (about 30 s per new process on a 2-core CPU).
+:func:`warmup` pays that cost on tiny data so it can be kept out of timed regions; setting
+``NUMBA_CACHE_DIR`` (we default it to ``$SPARSEBENCH_CACHE/numba``) lets later processes reuse the
+part of the compilation numba can cache.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+from .registry import Registry
+
+GRAPH_BACKENDS: Registry = Registry("method.backend")
+
+
+@dataclass
+class KnnGraph:
+    """A directed k-NN graph.
+
+    Attributes:
+        indices: int64 ``(n, k)``; row ``i`` lists the neighbours of point ``i`` by increasing distance,
+            ``i`` itself excluded; ``-1`` marks a slot an approximate backend could not fill.
+        distances: float32 ``(n, k)`` Euclidean (not squared) distances; ``inf`` where ``indices == -1``.
+        backend: the backend's registry name.
+        exact: whether the backend is exact.
+        seconds: wall-clock seconds of index construction + search (the graph time of the tables).
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    backend: str
+    exact: bool
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+def _as_float32(x, key: str = "x") -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise DataError(f"{key}: expected a 2-D (n, d) feature array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{key}: contains NaN or inf")
+    return x
+
+
+def check_k(k: int, n: int, key: str = "k") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``1 <= k < n`` (a point is not its own neighbour)."""
+    if int(k) < 1:
+        raise ConfigError(f"{key}={k}: must be >= 1")
+    if int(k) >= int(n):
+        raise ConfigError(f"{key}={k}: must be smaller than the number of samples ({n}); "
+                          f"a point has at most n-1 neighbours")
+
+
+def drop_self(dist: np.ndarray, idx: np.ndarray, k: int, rows: Optional[np.ndarray] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index from a ``(m, k+1)`` self-query result, keeping ``k`` columns.
+
+    ``rows`` gives the point index of each result row (default ``arange(m)``). Rows that do not
+    contain their own index (exact duplicates can push it out) lose their last column.
+    """
+    m = idx.shape[0]
+    rows = np.arange(m) if rows is None else np.asarray(rows)
+    own = idx == rows[:, None]
+    drop = np.where(own.any(1), own.argmax(1), idx.shape[1] - 1)
+    keep = np.ones_like(own)
+    keep[np.arange(m), drop] = False
+    return dist[keep].reshape(m, -1)[:, :k], idx[keep].reshape(m, -1)[:, :k]
+
+
+class NeighborBackend:
+    """Strategy interface of a nearest-neighbour search backend.
+
+    Subclasses implement :meth:`fit` (build an index over ``base``, float32 ``(n, d)``) and
+    :meth:`query` (``k`` nearest base points of each query); :meth:`graph` builds the k-NN graph of
+    a set with itself (self excluded) and may be overridden when the backend has a cheaper path.
+
+    Args:
+        num_threads: threads for faiss / numba (``None``: library default).
+        seed: seeds randomised index construction (where the backend allows it).
+    """
+
+    name: ClassVar[str] = "?"
+    exact: ClassVar[bool] = False
+
+    def __init__(self, num_threads: Optional[int] = None, seed: int = 0, **params):
+        self.num_threads = num_threads
+        self.seed = int(seed)
+        self.params = params
+
+    def fit(self, base: np.ndarray) -> "NeighborBackend":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def query(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        """Return ``(distances, indices)``: float32 Euclidean and int64, both ``(m, k)``."""
+        raise NotImplementedError
+
+    def graph(self, x: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(distances, indices)`` of the k-NN graph of ``x`` with itself, self excluded, ``(n, k)``."""
+        self.fit(x)
+        d, i = self.query(x, k + 1)
+        return drop_self(d, i, k)
+
+
+# --------------------------------------------------------------------------- exact: torch brute force
+@GRAPH_BACKENDS.register("brute")
+class BruteBackend(NeighborBackend):
+    """Exact search by blocked matrix products in torch (CPU or CUDA).
+
+    Squared distances of a block of ``block_size`` queries to all base points come from one
+    ``addmm`` (``|x|^2 - 2 q x^T``; ``|q|^2`` is constant per row and left out), ``torch.topk`` selects
+    the ``k`` smallest, and the selected distances are recomputed as ``||q - x_j||`` so that the
+    expansion's cancellation error does not reach the caller. Memory: ``block_size * n`` floats.
+
+    Params: ``device`` (``"cpu"``, ``"cuda"``, a torch.device; default CPU), ``block_size`` (default 2048).
+    """
+
+    name, exact = "brute", True
+
+    def fit(self, base):
+        dev = self.params.get("device") or "cpu"
+        self.device = torch.device(dev)
+        self.base = torch.as_tensor(base, device=self.device)
+        self.sq = (self.base * self.base).sum(1)
+        return self
+
+    def _search(self, queries, k, exclude_self):
+        q_all = torch.as_tensor(queries, device=self.device)
+        m, n = q_all.shape[0], self.base.shape[0]
+        block = int(self.params.get("block_size") or 2048)
+        out_d = torch.empty(m, k, dtype=torch.float32, device=self.device)
+        out_i = torch.empty(m, k, dtype=torch.int64, device=self.device)
+        for s in range(0, m, block):
+            q = q_all[s:s + block]
+            d2 = torch.addmm(self.sq.unsqueeze(0), q, self.base.T, alpha=-2.0)
+            if exclude_self:
+                r = torch.arange(q.shape[0], device=self.device)
+                d2[r, r + s] = float("inf")
+            _, idx = torch.topk(d2, k, dim=1, largest=False, sorted=False)
+            exact_d = (q.unsqueeze(1) - self.base[idx]).norm(dim=2)
+            exact_d, order = exact_d.sort(dim=1)
+            out_d[s:s + block] = exact_d
+            out_i[s:s + block] = idx.gather(1, order)
+        return out_d.cpu().numpy(), out_i.cpu().numpy()
+
+    def query(self, queries, k):
+        return self._search(queries, k, exclude_self=False)
+
+    def graph(self, x, k):
+        self.fit(x)
+        return self._search(x, k, exclude_self=True)
+
+
+# --------------------------------------------------------------------------- faiss
+class _FaissBackend(NeighborBackend):
+    def _threads(self):
+        import faiss
+
+        if self.num_threads:
+            faiss.omp_set_num_threads(int(self.num_threads))
+        return faiss
+
+    def _make_index(self, faiss, d: int, n: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fit(self, base):
+        faiss = self._threads()
+        self.index = self._make_index(faiss, base.shape[1], base.shape[0])
+        if not self.index.is_trained:
+            self.index.train(base)
+        self.index.add(base)
+        return self
+
+    def query(self, queries, k):
+        d2, idx = self.index.search(queries, k)
+        idx = idx.astype(np.int64)
+        d = np.sqrt(np.maximum(d2, 0.0), dtype=np.float32)
+        d[idx < 0] = np.inf
+        return d, idx
+
+
+@GRAPH_BACKENDS.register("faiss")
+class FaissFlatBackend(_FaissBackend):
+    """Exact search with faiss ``IndexFlatL2`` (BLAS distance blocks + heap selection)."""
+
+    name, exact = "faiss", True
+
+    def _make_index(self, faiss, d, n):
+        return faiss.IndexFlatL2(d)
+
+
+@GRAPH_BACKENDS.register("faiss_ivf")
+class FaissIVFBackend(_FaissBackend):
+    """Approximate search with faiss ``IndexIVFFlat``.
+
+    Params: ``nlist`` (k-means cells; default ``4 sqrt(n)``), ``nprobe`` (cells visited per query; 8).
+    """
+
+    name, exact = "faiss_ivf", False
+
+    def _make_index(self, faiss, d, n):
+        nlist = int(self.params.get("nlist") or max(1, min(n // 39, int(4 * np.sqrt(n)))))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        index.cp.seed = self.seed
+        index.nprobe = int(self.params.get("nprobe") or 8)
+        self._quantizer = quantizer  # keep alive
+        return index
+
+
+@GRAPH_BACKENDS.register("faiss_hnsw")
+class FaissHNSWBackend(_FaissBackend):
+    """Approximate search with faiss ``IndexHNSWFlat`` (hierarchical navigable small-world graph).
+
+    Params: ``hnsw_m`` (links per node; 32), ``ef_construction`` (64), ``ef_search`` (64).
+    """
+
+    name, exact = "faiss_hnsw", False
+
+    def _make_index(self, faiss, d, n):
+        index = faiss.IndexHNSWFlat(d, int(self.params.get("hnsw_m") or 32))
+        index.hnsw.efConstruction = int(self.params.get("ef_construction") or 64)
+        index.hnsw.efSearch = int(self.params.get("ef_search") or 64)
+        return index
+
+    def query(self, queries, k):
+        self.index.hnsw.efSearch = max(int(self.params.get("ef_search") or 64), k)
+        return super().query(queries, k)
+
+
+# --------------------------------------------------------------------------- pynndescent
+def _numba_env() -> None:
+    """Point numba's on-disk cache at ``$SPARSEBENCH_CACHE/numba`` unless ``NUMBA_CACHE_DIR`` is set."""
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        from .data import cache_dir
+
+        path = cache_dir() / "numba"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ["NUMBA_CACHE_DIR"] = str(path)
+        except OSError:
+            pass
+
+
+def import_pynndescent():
+    """Import pynndescent with numba's cache directory set (see :func:`_numba_env`)."""
+    _numba_env()
+    import pynndescent
+
+    return pynndescent
+
+
+@GRAPH_BACKENDS.register("pynndescent")
+class NNDescentBackend(NeighborBackend):
+    """Approximate k-NN graph by NN-descent (Dong, Moses & Li 2011, "Efficient k-nearest neighbor
+    graph construction for generic similarity measures"), pynndescent's implementation.
+
+    The graph of a set with itself is pynndescent's ``neighbor_graph`` (no search step). Queries of
+    new points use its search graph (``prepare`` + ``query``; compiled separately on first use).
+
+    Params: ``n_trees`` / ``n_iters`` (pynndescent defaults when ``None``), ``deterministic``
+    (pass ``random_state=seed``: reproducible but single-threaded and slower; default ``False``),
+    ``epsilon`` (query search breadth; 0.1).
+    """
+
+    name, exact = "pynndescent", False
+
+    def _index(self, data, n_neighbors):
+        pynndescent = import_pynndescent()
+        if self.num_threads:
+            import numba
+
+            numba.set_num_threads(min(int(self.num_threads), numba.config.NUMBA_NUM_THREADS))
+        rs = self.seed if self.params.get("deterministic") else None
+        return pynndescent.NNDescent(data, n_neighbors=n_neighbors, n_trees=self.params.get("n_trees"),
+                                     n_iters=self.params.get("n_iters"), random_state=rs, n_jobs=self.num_threads,
+                                     compressed=False)
+
+    def fit(self, base):
+        self.index = self._index(base, int(self.params.get("index_neighbors") or 30))
+        return self
+
+    def query(self, queries, k):
+        idx, d = self.index.query(queries, k=k, epsilon=float(self.params.get("epsilon") or 0.1))
+        return d.astype(np.float32), idx.astype(np.int64)
+
+    def graph(self, x, k):
+        self.index = self._index(x, k + 1)
+        idx, d = self.index.neighbor_graph
+        return drop_self(d.astype(np.float32), idx.astype(np.int64), k)
+
+
+def warmup(backend: str = "pynndescent", query: bool = False, **params) -> float:
+    """Run ``backend`` once on tiny random data so JIT compilation (pynndescent's numba kernels) is
+    paid outside timed regions. Returns the seconds it took (about 30 s the first time in a process
+    for pynndescent on a 2-core CPU, ~0 afterwards and for the other backends)."""
+    t0 = time.perf_counter()
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    b = GRAPH_BACKENDS.get(backend)(**params)
+    b.graph(x, 5)
+    if query:
+        b.fit(x).query(x[:10], 5)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- public functions
+def make_backend(backend: str, **params) -> NeighborBackend:
+    """Instantiate the registered backend ``backend`` (ConfigError listing the names if unknown)."""
+    return GRAPH_BACKENDS.get(backend)(**params)
+
+
+def is_exact(backend: str) -> bool:
+    return bool(GRAPH_BACKENDS.get(backend).exact)
+
+
+def knn_graph(x, k: int, backend: str = "brute", **params) -> KnnGraph:
+    """The k-NN graph of the rows of ``x`` (each point's ``k`` nearest other points).
+
+    Args:
+        x: features, ``(n, d)`` (numpy or torch; converted to float32).
+        k: neighbours per point, ``1 <= k < n``.
+        backend: a :data:`GRAPH_BACKENDS` name; ``params`` go to the backend (``device``, ``block_size``,
+            ``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``n_trees``, ``deterministic``, ``seed``,
+            ``num_threads``).
+
+    Returns:
+        KnnGraph with ``indices``/``distances`` ``(n, k)`` and the wall-clock ``seconds`` of the build.
+
+    Raises:
+        ConfigError: ``k`` outside ``[1, n)`` or an unknown backend. DataError: non-finite features.
+    """
+    x = _as_float32(x)
+    check_k(k, x.shape[0])
+    b = make_backend(backend, **params)
+    t0 = time.perf_counter()
+    d, i = b.graph(x, int(k))
+    seconds = time.perf_counter() - t0
+    return KnnGraph(np.ascontiguousarray(i, dtype=np.int64), np.ascontiguousarray(d, dtype=np.float32),
+                    backend, b.exact, seconds)
+
+
+def knn_search(base, queries, k: int, backend: str = "brute", **params):
+    """``k`` nearest base points of every query (kNN classification).
+
+    Returns:
+        ``(distances (m, k) float32, indices (m, k) int64, build_seconds, query_seconds)``.
+
+    Raises:
+        ConfigError: ``k`` outside ``[1, n_base]`` or an unknown backend.
+    """
+    base, queries = _as_float32(base, "base"), _as_float32(queries, "queries")
+    if not 1 <= int(k) <= base.shape[0]:
+        raise ConfigError(f"k={k}: must be in [1, {base.shape[0]}] (the number of base points)")
+    b = make_backend(backend, **params)
+    t0 = time.perf_counter()
+    b.fit(base)
+    t1 = time.perf_counter()
+    d, i = b.query(queries, int(k))
+    t2 = time.perf_counter()
+    return d, i, t1 - t0, t2 - t1
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, rows: Optional[np.ndarray] = None) -> float:
+    """Mean fraction of the exact ``k`` neighbours that the approximate result also lists.
+
+    Args:
+        approx: int ``(m, k)`` neighbour indices of an approximate backend (``-1`` = empty slot).
+        exact: int ``(m, k)`` exact neighbour indices of the same points (or of all ``n`` points when
+            ``rows`` selects the ``m`` rows of ``approx`` that ``exact`` answers).
+    """
+    a = np.asarray(approx)
+    e = np.asarray(exact)
+    if rows is not None:
+        a = a[rows]
+    if a.shape != e.shape:
+        raise ValueError(f"recall_at_k: shapes differ {a.shape} vs {e.shape}")
+    hits = (a[:, :, None] == e[:, None, :]) & (a[:, :, None] >= 0)
+    return float(hits.any(2).sum() / e.size)
+
+
+def sampled_recall(graph: KnnGraph, x, sample: int = 2000, seed: int = 0, **params) -> float:
+    """recall@k of ``graph`` estimated on ``sample`` seeded random points against exact brute search.
+
+    Cheap (``sample x n`` distances) and, for ``sample = 2000`` and recall near 0.98, within about
+    ±0.003 (one standard error) of the recall over all points. ``sample >= n`` gives the exact value.
+    """
+    x = _as_float32(x)
+    n = x.shape[0]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:min(sample, n)])
+    b = BruteBackend(**{k: v for k, v in params.items() if k in ("device", "block_size")}).fit(x)
+    d, i = b.query(x[rows], graph.k + 1)
+    _, i = drop_self(d, i, graph.k, rows=rows)
+    return recall_at_k(graph.indices, i, rows=rows)
+

@@ -1,0 +1,229 @@
+"""Label spreading: agreement with scikit-learn, solvers, early stopping, preprocessing, errors, methods."""
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from sparsebench.errors import ConfigError
+from sparsebench.graph import knn_graph
+from sparsebench.lpa import (LPASettings, affinity, knn_classify, label_spreading, mask_labels, normalized_affinity,
+                             pca, run_lpa, scale_unit, seed_matrix)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return scale_unit(x), y
+
+
+@pytest.fixture(scope="module")
+def problem(digits):
+    """Digits, k=5 exact graph, 90% of labels hidden (seed 0)."""
+    x, y = digits
+    labelled = mask_labels(y, 0.9, seed=0, num_classes=10)
+    W = affinity(knn_graph(x, 5, "brute"))
+    return x, y, labelled, W, normalized_affinity(W), seed_matrix(y, labelled, 10)
+
+
+def _acc(pred, y, labelled):
+    return float((pred[~labelled] == y[~labelled]).mean())
+
+
+def _sklearn_spreading(x, y, labelled, W, max_iter):
+    from sklearn.semi_supervised import LabelSpreading
+
+    m = LabelSpreading(kernel=lambda a, b: W, alpha=0.99, max_iter=max_iter, tol=1e-9)  # the same graph W
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter=30
+        m.fit(x, np.where(labelled, y, -1))
+    return m.transduction_
+
+
+def test_agrees_with_sklearn_label_spreading(problem):
+    x, y, labelled, W, S, Y = problem
+    # sklearn's default max_iter=30 stops long before convergence (alpha=0.99 needs ~1000 iterations):
+    # compare at its 30 iterations and at convergence
+    ours30 = label_spreading(S, Y, 0.99, "iterate", max_iter=30, tol=0).F.argmax(1)
+    sk30 = _sklearn_spreading(x, y, labelled, W, 30)
+    assert abs(_acc(ours30, y, labelled) - _acc(sk30, y, labelled)) <= 0.005
+    assert (ours30 == sk30).mean() > 0.995
+    sk = _sklearn_spreading(x, y, labelled, W, 3000)
+    for solver in ("iterate", "cg"):
+        ours = label_spreading(S, Y, 0.99, solver, max_iter=3000, tol=1e-7, cg_rtol=1e-6).F.argmax(1)
+        assert abs(_acc(ours, y, labelled) - _acc(sk, y, labelled)) <= 0.005
+        assert (ours == sk).mean() > 0.995
+    assert _acc(sk, y, labelled) > 0.9
+
+
+def test_cg_solves_the_closed_form(problem):
+    *_, S, Y = problem
+    n = S.shape[0]
+    exact = spla.spsolve((sp.identity(n, format="csc") - 0.99 * S.astype(np.float64)).tocsc(), 0.01 * Y.astype(float))
+    r = label_spreading(S, Y, 0.99, "cg", max_iter=1000, cg_rtol=1e-5)
+    assert r.converged and r.iterations < 200 and r.residual <= 1e-5
+    np.testing.assert_allclose(r.F, exact, atol=1e-4 * np.abs(exact).max())
+    assert r.F.dtype == np.float32
+    # the document's iteration converges to the same fixed point, far more slowly
+    it = label_spreading(S, Y, 0.99, "iterate", max_iter=5000, tol=1e-8)
+    assert it.iterations > 3 * r.iterations
+    assert (it.F.argmax(1) == r.F.argmax(1)).mean() > 0.999
+
+
+def test_early_stopping_stops(problem):
+    *_, S, Y = problem
+    seen = []
+    es = label_spreading(S, Y, 0.99, "iterate", max_iter=1000, tol=1e-3, callback=lambda i, d: seen.append(d))
+    assert es.converged and es.iterations < 1000 and es.residual < 1e-3
+    assert len(seen) == es.iterations and seen[-2] >= 1e-3  # stopped at the first step below tol
+    loose = label_spreading(S, Y, 0.99, "iterate", max_iter=1000, tol=1e-2)
+    assert loose.iterations < es.iterations
+    full = label_spreading(S, Y, 0.99, "iterate", max_iter=200, tol=0)  # tol=0: never stops early
+    assert full.iterations == 200 and not full.converged
+
+
+def test_affinity_binary_and_heat(problem):
+    x, *_ = problem
+    g = knn_graph(x, 6, "brute")
+    for weighting in ("binary", "heat"):
+        W = affinity(g, weighting)
+        assert abs(W - W.T).max() == 0 and W.diagonal().max() == 0
+        assert W.nnz >= 6 * len(x)  # every directed edge survives the symmetrisation
+        assert 0 < W.data.min() and W.data.max() <= 1
+    assert (affinity(g, "binary").data == 1).all()
+    assert affinity(g, "heat").data.min() < 0.5  # far neighbours weigh less
+    S = normalized_affinity(affinity(g, "binary"))
+    assert abs(S - S.T).max() < 1e-6
+    assert np.abs(spla.eigsh(S.astype(np.float64), k=1, which="LA")[0][0] - 1.0) < 1e-6  # spectral radius 1
+
+
+def test_mask_is_seeded_and_exact():
+    y = np.repeat(np.arange(10), 50)
+    a, b, c = mask_labels(y, 0.9, 0), mask_labels(y, 0.9, 0), mask_labels(y, 0.9, 1)
+    assert (a == b).all() and (a != c).any() and a.sum() == 50
+
+
+def test_fully_masked_class_is_a_clear_error():
+    y = np.array([0] * 50 + [1] * 50 + [2])  # class 2 has one point: half the seeds hide it
+    errors = []
+    for seed in range(10):
+        try:
+            labelled = mask_labels(y, 0.5, seed)
+            assert labelled[-1]
+        except ConfigError as err:
+            errors.append(str(err))
+    assert errors and all(e.startswith("mask_fraction=0.5: class(es) [2] have no labelled point") for e in errors)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"mask_fraction={bad}: the masked fraction must be in \(0, 1\)"):
+            mask_labels(y, bad, 0)
+
+
+def test_k_not_below_n_is_a_clear_error(digits):
+    x, y = digits
+    with pytest.raises(ConfigError, match=r"^method.k=60: must be smaller than the number of samples \(60\)"):
+        run_lpa(x[:60], y[:60], LPASettings(k=60, pca_components=None), seed=0)
+
+
+def test_pca_solvers_agree(digits):
+    x, _ = digits
+    ref = pca(x, 10, "sklearn")
+    for solver in ("covariance", "randomized"):
+        z = pca(x, 10, solver)
+        assert z.shape == (len(x), 10) and z.dtype == np.float32
+        # same components up to sign: compare absolute per-component correlations of the scores
+        corr = np.abs([np.corrcoef(z[:, j], ref[:, j])[0, 1] for j in range(10)])
+        assert corr[:5].min() > 0.999 and corr.min() > 0.98
+    with pytest.raises(ConfigError, match="method.pca_components=100"):
+        pca(x, 100)
+
+
+def test_knn_classifier(digits):
+    x, y = digits
+    pb, _, _ = knn_classify(x[:1400], y[:1400], x[1400:], k=5, backend="brute")
+    pf, _, _ = knn_classify(x[:1400], y[:1400], x[1400:], k=5, backend="faiss")
+    assert (pb == pf).mean() > 0.99
+    assert (pb == y[1400:]).mean() > 0.93
+
+
+def test_run_lpa_pipeline(digits):
+    x, y = digits
+    out = run_lpa(x, y, LPASettings(k=5, pca_components=None, backend="faiss_hnsw", solver="cg"), seed=0)
+    assert out["n"] == 1797 and out["n_labelled"] == 180 and out["converged"]
+    assert out["acc_masked"] > 0.9 and out["recall"] > 0.97
+    assert out["total_seconds"] == pytest.approx(out["pca_seconds"] + out["graph_seconds"]
+                                                 + out["propagation_seconds"])
+
+
+# ---------------------------------------------------------------- the registered methods
+@pytest.fixture
+def run_cfg(tmp_path, monkeypatch):
+    from sparsebench.api import compose
+
+    monkeypatch.setenv("SPARSEBENCH_OUT", str(tmp_path))
+
+    def make(*overrides):
+        return compose(["logger=csv", *overrides, f"out_dir={tmp_path}"])
+
+    return make
+
+
+def test_knn_lpa_method_on_digits(run_cfg, tmp_path):
+    from sparsebench.api import execute
+
+    df = execute(run_cfg("method=knn_lpa", "dataset=digits", "method.k=5", "method.pca_components=null"), quiet=True)
+    row = df.iloc[0]
+    assert row.method == "knn_lpa" and row.backend == "brute" and row.n == 1797  # all splits pooled
+    assert row.acc_masked > 0.9 and np.isnan(row.recall)
+    assert list(Path(tmp_path).glob("*/metrics.csv"))  # per-iteration residuals logged
+
+
+def test_kann_lpa_method_with_faiss_hnsw(run_cfg):
+    from sparsebench.api import execute
+
+    df = execute(run_cfg("method=kann_lpa", "dataset=digits", "method.backend=faiss_hnsw", "method.k=5",
+                         "method.solver=iterate", "method.tol=0.001", "method.weighting=heat"), quiet=True)
+    row = df.iloc[0]
+    assert row.backend == "faiss_hnsw" and row.recall > 0.97 and row.acc_masked > 0.9 and row.iterations < 1000
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["method=knn_lpa", "method.mask_fraction=1.0"], r"method.mask_fraction=1.0: the masked fraction must be in"),
+    (["method=knn_lpa", "method.backend=pynndescent"], r"method.backend='pynndescent': knn_lpa needs an exact"),
+    (["method=kann_lpa", "method.backend=brute"], r"method.backend='brute': kann_lpa needs an approximate"),
+    (["method=knn_lpa", "method.solver=jacobi"], r"method.solver='jacobi': unknown"),
+    (["method=knn_lpa", "method.alpha=1.0"], r"method.alpha=1.0: the clamping factor"),
+])
+def test_method_config_errors(run_cfg, overrides, match):
+    from sparsebench.api import execute
+
+    with pytest.raises(ConfigError, match=match):
+        execute(run_cfg(*overrides), quiet=True)
+
+
+def test_method_k_and_masking_errors_name_the_key(run_cfg):
+    from sparsebench.api import execute
+
+    with pytest.raises(ConfigError, match=r"^method.k=100: must be smaller than the number of samples \(100\)"):
+        execute(run_cfg("method=knn_lpa", "dataset=iris", "method.k=100", "method.n_samples=100",
+                        "method.pca_components=null"), quiet=True)
+    with pytest.raises(ConfigError, match=r"^method.mask_fraction=0.99: class\(es\) .* no labelled point"):
+        execute(run_cfg("method=knn_lpa", "dataset=iris", "method.k=3", "method.mask_fraction=0.99",
+                        "method.pca_components=null"), quiet=True)
+
+
+MNIST = Path(os.environ.get("SPARSEBENCH_DATA", "./data")) / "MNIST" / "raw"
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="real MNIST not found under $SPARSEBENCH_DATA")
+def test_mnist_subset_pipeline(run_cfg):
+    from sparsebench.api import execute
+
+    df = execute(run_cfg("method=knn_lpa", "dataset=mnist", "method.n_samples=5000", "method.backend=faiss"),
+                 quiet=True)
+    row = df.iloc[0]
+    assert row.n == 5000 and row.features == 50 and row.acc_masked > 0.8  # 500 labels
