@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from hydra.errors import HydraException
 
 from .config import validate
+from .distributed import is_main
 from .errors import ConfigError
 from .io import MetricsLog, atomic_write_csv, atomic_write_json
 from .rundir import config_hash, prepare_run_dir
@@ -64,7 +65,7 @@ def hydra_error_line(err: Exception) -> str:
 
 
 def _wandb_sink(cfg: DictConfig, run_id: str, run_dir: Path):
-    if not cfg.logger.wandb or cfg.logger.mode == "disabled":
+    if not cfg.logger.wandb or cfg.logger.mode == "disabled" or not is_main():
         return None, None
     import wandb
 
@@ -111,7 +112,7 @@ def execute(cfg: DictConfig, quiet: bool = False) -> pd.DataFrame:
             f"device={device} -> {run_dir}")
         # an interrupted run resumes: keep its metrics only when checkpoints exist to continue from
         resuming = cfg.resume and any((run_dir / "checkpoints").glob("*.pt"))
-        if not resuming:
+        if not resuming and is_main():
             for stale in (run_dir / "checkpoints").glob("*.pt"):
                 stale.unlink()
         metrics = MetricsLog(run_dir / "metrics.csv", resume=resuming)
@@ -124,16 +125,17 @@ def execute(cfg: DictConfig, quiet: bool = False) -> pd.DataFrame:
             df.insert(0, "run_id", run_id)
             if cfg.experiment:
                 df.insert(0, "experiment", cfg.experiment)
-            atomic_write_csv(summary_path, df)
-            atomic_write_json(run_dir / "summary.json", df.to_dict(orient="records"))
+            if is_main():
+                atomic_write_csv(summary_path, df)
+                atomic_write_json(run_dir / "summary.json", df.to_dict(orient="records"))
         finally:
-            if metrics.rows:
+            if metrics.rows and is_main():
                 metrics.flush()
             if wb_run is not None:
                 import wandb
 
                 wandb.finish()
-    if cfg.results_csv:
+    if cfg.results_csv and is_main():
         atomic_write_csv(cfg.results_csv, df)
     say(format_summary(df))
     return df

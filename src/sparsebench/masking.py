@@ -72,6 +72,7 @@ class Masking:
                 self._modules[pname] = mod
         self.names: List[str] = list(self._modules)
         self._hooks = []
+        self.version = 0  # incremented by every set_mask (lets data-parallel training sync changed masks)
 
     # ------------------------------------------------------------------ access
     def weight(self, name: str) -> nn.Parameter:
@@ -124,6 +125,7 @@ class Masking:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(m.weight.shape)}")
         m.weight_mask.copy_(mask.to(m.weight_mask.dtype))
         m.weight.mul_(m.weight_mask)
+        self.version += 1
 
     def set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
         for name, mask in masks.items():

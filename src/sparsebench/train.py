@@ -114,8 +114,16 @@ class Trainer:
                  masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (), seed: int = 0,
                  metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0,
                  checkpoint: Optional[str] = None):
+        from . import distributed
+
+        device = distributed.init_from_env(device)
         self.cfg, self.device, self.seed = cfg, device, seed
         self.model = model.to(device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.data = data.to(device) if cfg.data_on_device else data
         self.masking = masking
         self.callbacks: List[Callback] = list(callbacks)
@@ -198,11 +206,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Flush the metrics log, then write the checkpoint atomically (a full disk keeps the old one)."""
+        from .distributed import is_main
         from .io import atomic_torch_save
 
-        if self.metrics is not None:
-            self.metrics.flush()
-        atomic_torch_save(self.checkpoint, self.state_dict())
+        if is_main():
+            if self.metrics is not None:
+                self.metrics.flush()
+            atomic_torch_save(self.checkpoint, self.state_dict())
         self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
 
     def maybe_resume(self) -> bool:
@@ -218,7 +228,10 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.batch = (x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        if self.ddp is not None:  # this rank's shard of the global batch
+            x, y = x[self.rank::self.world], y[self.rank::self.world]
+            self.batch = (x, y)
+        loss = self.loss_fn((self.ddp or self.model)(x), y)
         if self.cfg.nan_check and self.device.type == "cpu":
             self._check_finite(loss.detach())
         loss.backward()
@@ -233,8 +246,13 @@ class Trainer:
         self.step += 1
         if self.callbacks:
             t = time.perf_counter()
+            version = self.masking.version if self.masking is not None else 0
             for cb in self.callbacks:
                 cb.on_step_end(self)
+            if self.ddp is not None and self.masking is not None and self.masking.version != version:
+                from .distributed import sync_from_rank0
+
+                sync_from_rank0(self.masking, self.optimizer)
             self.time_in_callbacks += time.perf_counter() - t
         return self.loss
 
@@ -247,6 +265,10 @@ class Trainer:
         """Train until ``total_steps``; returns final ``{val_acc, test_acc, test_loss, ...}``."""
         self.model.train()
         resumed = self.maybe_resume()
+        if self.ddp is not None:
+            from .distributed import sync_from_rank0
+
+            sync_from_rank0(self.masking, self.optimizer)  # masks set before training are identical anyway
         for cb in self.callbacks:
             if not resumed:
                 cb.on_train_start(self)

@@ -59,8 +59,11 @@ class RunContext:
 
     def save_state(self, name: str, state: dict) -> None:
         """Save a method's own state (e.g. the IMP round) atomically, flushing the metrics log first."""
+        from ..distributed import is_main
         from ..io import atomic_torch_save
 
+        if not is_main():
+            return
         self.metrics.flush()
         atomic_torch_save(self.checkpoint_path(name), {**state, "metrics_rows": len(self.metrics.rows)})
 

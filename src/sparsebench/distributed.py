@@ -1,0 +1,54 @@
+"""Data-parallel training with torch.distributed (DDP), launched by ``torchrun``.
+
+``torchrun --nproc_per_node=N run.py ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; :func:`init_from_env`
+then joins the process group (NCCL on CUDA, gloo on CPU). Every rank loads the same data and draws the
+same batch permutation (seeded generator) and takes the ``rank::world`` shard of each global batch, so
+the averaged gradient equals the single-process one. Masks stay identical on all ranks: pruning from
+magnitudes of identical weights is deterministic, and whenever a mask changes during training (dynamic
+sparse updates, whose inputs are rank-local activations) rank 0's masks, masked weights and their
+optimizer state are broadcast (:func:`sync_from_rank0`). Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in single-process runs): the only rank that writes files."""
+    return rank() == 0
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+@torch.no_grad()
+def sync_from_rank0(masking, optimizer) -> None:
+    """Broadcast masks, masked weights and their per-parameter optimizer state from rank 0."""
+    if world_size() <= 1 or masking is None:
+        return
+    for name, w, m in masking.items():
+        dist.broadcast(m, 0)
+        dist.broadcast(w.data, 0)
+        for v in optimizer.state.get(w, {}).values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                dist.broadcast(v, 0)
