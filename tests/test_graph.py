@@ -131,3 +131,16 @@ def test_brute_on_cuda_matches_cpu(gauss):
     a = knn_graph(gauss, 10, "brute", device="cuda")
     b = knn_graph(gauss, 10, "brute")
     np.testing.assert_array_equal(np.sort(a.indices, 1), np.sort(b.indices, 1))
+
+
+@pytest.mark.parametrize("m", [5000, 5000 + 37, 100])
+def test_smallest_k_matches_topk(m):
+    from sparsebench.graph import smallest_k
+
+    d = torch.from_numpy(np.random.default_rng(m).normal(size=(64, m)).astype(np.float32))
+    d[3, m - 1] = -100.0  # the minimum in the partial last group
+    v, i = smallest_k(d, 10)
+    v0, i0 = torch.topk(d, 10, dim=1, largest=False)
+    np.testing.assert_array_equal(np.sort(i.numpy(), 1), np.sort(i0.numpy(), 1))
+    np.testing.assert_array_equal(np.sort(v.numpy(), 1), np.sort(v0.numpy(), 1))
+    assert (d.gather(1, i) == v).all()

@@ -53,7 +53,7 @@ class LPAConfig(MethodConfig):
     cg_rtol: float = 1e-4  # cg: relative residual target
     weighting: str = "binary"  # binary (the document) | heat (exp(-d^2 / sigma_i sigma_j), local bandwidth)
     heat_neighbor: int = 7  # heat: sigma_i = distance to this neighbour (Zelnik-Manor & Perona 2004)
-    block_size: int = 2048  # brute: queries per matmul block
+    block_size: Optional[int] = None  # brute: query rows per matmul block (null: keep a block within 128 MiB)
     num_threads: Optional[int] = None  # faiss / numba / torch threads (null: library defaults)
     log_iterations: bool = True  # write the per-iteration residual to metrics.csv
 
@@ -76,7 +76,7 @@ class LPAConfig(MethodConfig):
         _check(self.weighting in EDGE_WEIGHTS, "method.weighting", self.weighting,
                f"unknown (allowed: {', '.join(EDGE_WEIGHTS.names())})")
         _check(self.heat_neighbor >= 1, "method.heat_neighbor", self.heat_neighbor, "must be >= 1")
-        _check(self.block_size >= 1, "method.block_size", self.block_size, "must be >= 1")
+        _check(self.block_size is None or self.block_size >= 1, "method.block_size", self.block_size, "must be >= 1 or null")
         _check(self.backend in GRAPH_BACKENDS, "method.backend", self.backend,
                f"unknown (allowed: {', '.join(GRAPH_BACKENDS.names())})")
         exact = [b for b in GRAPH_BACKENDS.names() if GRAPH_BACKENDS.get(b).exact]
