@@ -27,8 +27,12 @@ LAYOUTS = ("csr", "coo", "dense", "auto")
 def _to_layout(w: torch.Tensor, layout: str) -> torch.Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        if layout == "csr":
-            return w.to_sparse_csr()
+        if layout == "csr":  # int32 indices: 8 bytes per stored weight instead of 12, same kernel speed
+            c = w.to_sparse_csr()
+            if max(w.shape) < 2**31 - 1 and c.values().numel() < 2**31 - 1:
+                c = torch.sparse_csr_tensor(c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32),
+                                            c.values(), c.shape)
+            return c
         if layout == "coo":
             return w.to_sparse().coalesce()
     return w.contiguous()

@@ -471,4 +471,4 @@ class LsUnitPrune(Method):
         return self.row(update=update, removed=removed, units_left=units_left, **ev,
                         dense_test_acc=final["test_acc"], train_seconds=final["train_seconds"],
                         steps=final["steps"], n_train=len(trainer.data.train), n_test=len(trainer.data.test),
-                        **extra)
+                        run_dir=str(self.ctx.run_dir.resolve()), **extra)
