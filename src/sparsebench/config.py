@@ -123,6 +123,7 @@ class TrainerConfig:
     amp: bool = False  # bf16 autocast (CUDA)
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen, for quick checks)
     cudnn_benchmark: bool = False
     data_on_device: bool = True  # keep the tensors of small datasets on the training device
     progress: bool = False  # tqdm progress bar
@@ -187,7 +188,7 @@ HASH_EXCLUDE = ("logger", "out_dir", "results_csv", "resume", "dataset.root", "d
 # Keys added after the first release, with the value that makes them a no-op. A key at its no-op value
 # is left out of the run hash, so adding a key never changes the identity of existing runs.
 # Every new schema key MUST be listed here (tests/test_runs.py pins the hash of a fixed config).
-NOOP_DEFAULTS: dict = {}
+NOOP_DEFAULTS: dict = {"trainer.compile_backend": "inductor"}
 
 
 def _format_omegaconf_error(group: str, err: OmegaConfBaseException, allowed: List[str]) -> str:

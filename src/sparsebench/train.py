@@ -128,6 +128,20 @@ class Trainer:
         self.masking = masking
         self.callbacks: List[Callback] = list(callbacks)
         self.metrics, self.prefix = metrics, prefix
+        # speed switches (issue 6): each keeps results within numerical tolerance and runs on CPU too
+        self.channels_last = bool(cfg.channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
+        # masks are applied in place around optimizer steps, never inside forward, so the compiled
+        # graph stays valid when masks change
+        self.forward = (torch.compile(self.ddp or self.model, backend=cfg.compile_backend) if cfg.compile
+                        else (self.ddp or self.model))
+        if not cfg.data_on_device and device.type == "cuda":
+            data = DataBundle(data.name, data.kind, Split(data.train.x.pin_memory(), data.train.y.pin_memory()),
+                              data.val, data.test, data.num_classes)
+            self.data = data
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         if masking is not None:
             masking.attach(self.optimizer)
@@ -165,7 +179,10 @@ class Trainer:
         for i in range(0, len(split), bs):
             x = split.x[i:i + bs].to(self.device, non_blocking=True)
             y = split.y[i:i + bs].to(self.device, non_blocking=True)
-            out = self.model(x)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+                out = self.model(x).float()
             total_loss += float(self.loss_fn(out, y)) * len(y)
             correct += int((out.argmax(1) == y).sum())
         self.model.train(was)
@@ -231,7 +248,10 @@ class Trainer:
         if self.ddp is not None:  # this rank's shard of the global batch
             x, y = x[self.rank::self.world], y[self.rank::self.world]
             self.batch = (x, y)
-        loss = self.loss_fn((self.ddp or self.model)(x), y)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+            loss = self.loss_fn(self.forward(x), y)
         if self.cfg.nan_check and self.device.type == "cpu":
             self._check_finite(loss.detach())
         loss.backward()
