@@ -118,3 +118,15 @@ def test_cli_exit_code_and_single_line_for_data_error(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset cifar100: missing train, test, meta under")
+
+
+def test_gpu_out_of_memory_names_batch_size_and_model(tmp_path, monkeypatch):
+    from sparsebench.models import MLP as _MLP
+
+    def boom(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(_MLP, "forward", boom)
+    cfg = compose([f"out_dir={tmp_path}", "method=dense", "trainer.batch_size=512"])
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 0 with trainer.batch_size=512 and model MLP"):
+        execute(cfg, quiet=True)

@@ -306,7 +306,14 @@ class Trainer:
                 x, y = train.x[idx], train.y[idx]
                 if x.device != self.device:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                running += self.train_step(x, y)
+                try:
+                    running += self.train_step(x, y)
+                except torch.cuda.OutOfMemoryError as err:
+                    n_params = sum(p.numel() for p in self.model.parameters())
+                    raise TrainingError(
+                        f"out of GPU memory at step {self.step} with trainer.batch_size={self.cfg.batch_size} and "
+                        f"model {type(self.model).__name__} ({n_params / 1e6:.1f}M parameters) on {self.device}; "
+                        f"lower trainer.batch_size or enable trainer.amp") from err
                 steps += 1
             self.epoch += 1
             if self.cfg.nan_check:
