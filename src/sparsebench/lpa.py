@@ -27,6 +27,7 @@ Everything is float32 ``scipy.sparse`` CSR; no dense ``n x n`` matrix is formed.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, Optional, Tuple
 
@@ -54,37 +55,49 @@ def scale_unit(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
+@contextmanager
+def single_thread():
+    """Run torch single-threaded inside the block (LAPACK calls on small matrices: with 2 OpenMP
+    threads on a loaded 2-core machine, ``eigh`` of a 784 x 784 matrix took 22 s instead of 0.1 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @PCA_SOLVERS.register("covariance")
 def pca_covariance(x: torch.Tensor, c: int, seed: int) -> torch.Tensor:
-    """Exact PCA from the eigenvectors of the ``d x d`` scatter matrix (fast when ``d`` is small:
-    one ``n d^2`` product, here 0.7 s for 70 000 x 784 on two cores)."""
+    """Exact PCA: top eigenvectors of the ``d x d`` scatter matrix of the centred data (fast when
+    ``d`` is small: one ``n d^2`` product, 0.7 s for 70 000 x 784 on two idle cores). Returns ``(d, c)``."""
     xc = x - x.mean(0)
-    _, vecs = torch.linalg.eigh(xc.T @ xc)
-    return xc @ vecs[:, -c:].flip(1)
+    gram = (xc.T @ xc).double()
+    with single_thread():  # a small d x d problem; multi-threaded LAPACK eigh stalls on a busy machine
+        _, vecs = torch.linalg.eigh(gram)
+    return vecs[:, -c:].flip(1).float()
 
 
 @PCA_SOLVERS.register("randomized")
 def pca_randomized(x: torch.Tensor, c: int, seed: int) -> torch.Tensor:
     """Randomised PCA (Halko, Martinsson & Tropp 2011) via ``torch.pca_lowrank`` (2 power iterations,
-    10 oversampling columns)."""
+    10 oversampling columns). Returns ``(d, c)``."""
     torch.manual_seed(seed)
-    mean = x.mean(0, keepdim=True)
     _, _, v = torch.pca_lowrank(x, q=min(c + 10, min(x.shape)), center=True, niter=2)
-    return (x - mean) @ v[:, :c]
+    return v[:, :c]
 
 
 @PCA_SOLVERS.register("sklearn")
 def pca_sklearn(x: torch.Tensor, c: int, seed: int) -> torch.Tensor:
-    """scikit-learn ``PCA(svd_solver='auto')`` (the reference)."""
+    """scikit-learn ``PCA(svd_solver='auto')`` (the reference). Returns ``(d, c)``."""
     from sklearn.decomposition import PCA
 
-    return torch.from_numpy(PCA(c, random_state=seed).fit_transform(x.numpy()).astype(np.float32))
+    return torch.from_numpy(PCA(c, random_state=seed).fit(x.numpy()).components_.T.astype(np.float32))
 
 
-def pca(x, n_components: int, solver: str = "covariance", seed: int = 0) -> np.ndarray:
-    """Project ``x`` ``(n, d)`` onto its top ``n_components`` principal components.
-
-    Returns float32 ``(n, n_components)`` scores (centred). ``solver``: a :data:`PCA_SOLVERS` name.
+def pca_fit(x, n_components: int, solver: str = "covariance", seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Principal axes of ``x`` ``(n, d)``: returns ``(mean (d,), components (d, n_components))``, float32;
+    scores are ``(x - mean) @ components``. ``solver``: a :data:`PCA_SOLVERS` name.
 
     Raises:
         ConfigError: ``n_components`` outside ``[1, min(n, d)]`` or an unknown solver.
@@ -93,8 +106,17 @@ def pca(x, n_components: int, solver: str = "covariance", seed: int = 0) -> np.n
     if not 1 <= int(n_components) <= min(x.shape):
         raise ConfigError(f"method.pca_components={n_components}: must be in [1, {min(x.shape)}] "
                           f"(min of samples and features)")
-    z = PCA_SOLVERS.get(solver)(x, int(n_components), int(seed))
-    return np.ascontiguousarray(z.numpy(), dtype=np.float32)
+    V = PCA_SOLVERS.get(solver)(x, int(n_components), int(seed))
+    return x.mean(0).numpy(), np.ascontiguousarray(V.numpy(), dtype=np.float32)
+
+
+def pca(x, n_components: int, solver: str = "covariance", seed: int = 0) -> np.ndarray:
+    """Project ``x`` ``(n, d)`` onto its top ``n_components`` principal components: float32
+    ``(n, n_components)`` centred scores (see :func:`pca_fit`)."""
+    x = np.asarray(x, dtype=np.float32)
+    mean, V = pca_fit(x, n_components, solver, seed)
+    z = (torch.from_numpy(x) - torch.from_numpy(mean)) @ torch.from_numpy(V)
+    return np.ascontiguousarray(z.numpy())
 
 
 def mask_labels(y: np.ndarray, fraction: float, seed: int, num_classes: Optional[int] = None,
@@ -307,23 +329,31 @@ def label_spreading(S: sp.spmatrix, Y: np.ndarray, alpha: float = 0.99, solver: 
 
 
 # --------------------------------------------------------------------------- kNN classifier
-def knn_classify(train_x, train_y, test_x, k: int = 5, backend: str = "brute", num_classes: Optional[int] = None,
-                 **params) -> Tuple[np.ndarray, float, float]:
-    """Majority vote of the ``k`` nearest training points (ties go to the class of the nearer points).
-
-    Returns:
-        ``(predictions (m,) int64, build_seconds, query_seconds)``.
-    """
+def knn_vote(idx: np.ndarray, train_y: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
+    """Majority vote over neighbour indices ``idx`` ``(m, k)`` (nearest first; ``-1`` = empty slot)
+    of training labels ``train_y``; ties go to the class of the nearer neighbours. Returns ``(m,)``."""
     train_y = np.asarray(train_y)
     C = int(num_classes or train_y.max() + 1)
-    d, idx, t_build, t_query = knn_search(train_x, test_x, k, backend=backend, **params)
     lab = np.where(idx >= 0, train_y[np.maximum(idx, 0)], -1)
     votes = np.zeros((len(lab), C), dtype=np.float64)
+    k = idx.shape[1]
     rank_bonus = 1e-3 / (1.0 + np.arange(k))  # < 1 in total: only breaks ties, nearer first
     for j in range(k):
         ok = lab[:, j] >= 0
         votes[np.flatnonzero(ok), lab[ok, j]] += 1.0 + rank_bonus[j]
-    return votes.argmax(1), t_build, t_query
+    return votes.argmax(1)
+
+
+def knn_classify(train_x, train_y, test_x, k: int = 5, backend: str = "brute", num_classes: Optional[int] = None,
+                 **params) -> Tuple[np.ndarray, float, float]:
+    """k-nearest-neighbour classifier: :func:`knn_vote` over the ``k`` nearest training points found by
+    ``backend`` (:func:`sparsebench.graph.knn_search`).
+
+    Returns:
+        ``(predictions (m,) int64, build_seconds, query_seconds)``.
+    """
+    _, idx, t_build, t_query = knn_search(train_x, test_x, k, backend=backend, **params)
+    return knn_vote(idx, train_y, num_classes), t_build, t_query
 
 
 # --------------------------------------------------------------------------- the whole pipeline
