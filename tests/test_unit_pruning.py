@@ -86,10 +86,14 @@ def test_resplit_30_70_disjoint():
 
 
 def test_ls_unit_prune_method_iris(compose_cfg):
-    df = execute(compose_cfg("dataset=iris", "dataset.test_fraction=0.1", "dataset.val_fraction=0", "method=ls_unit_prune",
-                             "model.hidden=[6]", "model.activation=bipolar_sigmoid", "trainer.loss=mse",
-                             "trainer.batch_size=1", "trainer.momentum=0", "trainer.lr=0.05", "trainer.epochs=5",
-                             "trainer.device=cpu"), quiet=True)
+    cfg = compose_cfg("dataset=iris", "dataset.test_fraction=0.1", "dataset.val_fraction=0", "method=ls_unit_prune",
+                      "method.curve_every=100", "model.hidden=[6]", "model.activation=bipolar_sigmoid",
+                      "trainer.loss=mse", "trainer.batch_size=1", "trainer.momentum=0", "trainer.lr=0.05",
+                      "trainer.epochs=5", "trainer.device=cpu")
+    df = execute(cfg, quiet=True)
+    m = pd.read_csv(f"{cfg.out_dir}/{df['run_id'][0]}/metrics.csv")
+    curve = m[m["name"] == "curve/test_acc"]["step"].tolist()
+    assert curve[:3] == [0, 100, 200] and len(curve) == 1 + 5 * 135 // 100
     assert len(df) == 2 * 6 and set(df["update"]) == {"ls", "none"}
     for _, g in df.groupby("update"):
         assert list(g["units_left"]) == [6, 5, 4, 3, 2, 1]

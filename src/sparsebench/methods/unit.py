@@ -41,7 +41,7 @@ from ..io import atomic_write_csv
 from ..masking import Masking, topk_mask
 from ..registry import Registry
 from ..sparse_export import export_sparse
-from ..train import Trainer
+from ..train import Callback, Trainer
 from . import METHODS
 from .base import Method
 from .static import neuron_accounting
@@ -364,6 +364,7 @@ class LsUnitPruneConfig(MethodConfig):
     include_bias: bool = True  # the LS may also shift the output biases (document 004's bias unit)
     train_fraction: Optional[float] = None  # pool train+val and keep this share for training, the rest is
     # the test split (document 004 on MNIST: 0.3 of the 60k training images); null = dataset's split
+    curve_every: int = 0  # also log test accuracy / running train loss every this many online updates (0 = off)
 
     def __post_init__(self):
         for u in self.updates:
@@ -372,6 +373,37 @@ class LsUnitPruneConfig(MethodConfig):
                "must be >= 1 or null")
         _check(self.train_fraction is None or 0.0 < self.train_fraction < 1.0, "method.train_fraction",
                self.train_fraction, "must be in (0, 1) or null")
+        _check(self.curve_every >= 0, "method.curve_every", self.curve_every, "must be >= 0")
+
+
+class CurveLogger(Callback):
+    """Logs ``curve/test_acc``, ``curve/test_loss`` and ``curve/train_loss`` (mean loss of the updates
+    since the last point) at step 0 and every ``every`` optimizer steps: training curves finer than
+    one point per epoch (one online epoch over 18k MNIST samples is one epoch)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._sum, self._n = 0.0, 0
+
+    def _point(self, trainer) -> None:
+        if trainer.metrics is None:
+            return
+        ev = trainer.evaluate(trainer.data.test)
+        vals = {"curve/test_acc": ev["acc"], "curve/test_loss": ev["loss"]}
+        if self._n:
+            vals["curve/train_loss"] = self._sum / self._n
+        trainer.metrics.log(trainer.step, vals)
+        self._sum, self._n = 0.0, 0
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.step == 0:
+            self._point(trainer)
+
+    def on_step_end(self, trainer) -> None:
+        self._sum += float(trainer.loss)
+        self._n += 1
+        if trainer.step % self.every == 0:
+            self._point(trainer)
 
 
 def resplit(data: DataBundle, train_fraction: float, seed: int) -> DataBundle:
@@ -430,7 +462,7 @@ class LsUnitPrune(Method):
         if len(masking.names) < 2:
             raise ConfigError(f"model={ctx.cfg.model.name}: least-squares unit pruning needs a hidden layer")
         trainer = Trainer(ctx.cfg.trainer, model, data, ctx.device, masking=masking, seed=int(ctx.cfg.seed),
-                          metrics=ctx.metrics)
+                          metrics=ctx.metrics, callbacks=[CurveLogger(cfg.curve_every)] if cfg.curve_every else [])
         final = trainer.fit()
         out_name, in_name = masking.names[-1], masking.names[-2]
         out_mod = masking.module(out_name)

@@ -399,8 +399,9 @@ def _plot_t004_train(spec: dict, trained: pd.DataFrame) -> None:
             if not path.is_file():
                 continue
             m = pd.read_csv(path)
+            fine = (m["name"] == "curve/test_acc").any()  # finer curve logged by method.curve_every
             for i, name in enumerate(("train_loss", "test_acc")):
-                c = m[m["name"] == name]
+                c = m[m["name"] == (f"curve/{name}" if fine else name)]
                 axes[i][j].plot(c["step"], c["value"], marker=".", label=f"seed {r['seed']}")
         axes[0][j].set_title(ds)
         axes[0][j].set_ylabel("train MSE")
