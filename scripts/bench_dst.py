@@ -67,38 +67,43 @@ def mnist(pad_to=None, subset=20000) -> tuple[DataBundle, str]:
             "RANDOM data of MNIST shape (MNIST not found)"
 
 
-def run_once(make_model, data, batch, steps, grow, kw, delta_t):
+def run_once(make_model, data, batch, steps, grow, kw, delta_t, device):
     torch.manual_seed(0)
-    model = make_model()
+    model = make_model().to(device)
     masking = Masking(model)
-    masking.set_masks(random_masks(masking, layer_counts(masking, 0.2, "uniform"), torch.Generator().manual_seed(0)))
+    masking.set_masks({n: m.to(device) for n, m in random_masks(masking, layer_counts(masking, 0.2, "uniform"),
+                                                                 torch.Generator().manual_seed(0)).items()})
     callbacks, upd = [], None
     if grow is not None:
         g = GROWTH.get(grow)(torch.Generator().manual_seed(1), **({**kw, "log_recall": False} if grow == "faiss_grow" else {}))
         d0 = D0[delta_t]
         upd = DSTUpdater(masking, g, d0=d0, schedule="constant", delta_t=delta_t, t_end=1.0)
         callbacks = [upd]
-    cfg = TrainerConfig(lr=0.05, batch_size=batch, iterations=steps, device="cpu", eval_every=10**6, nan_check=False)
-    tr = Trainer(cfg, model, data, torch.device("cpu"), masking=masking, callbacks=callbacks)
+    cfg = TrainerConfig(lr=0.05, batch_size=batch, iterations=steps, device=str(device), eval_every=10**6, nan_check=False)
+    tr = Trainer(cfg, model, data, device, masking=masking, callbacks=callbacks)
     for cb in tr.callbacks:
         cb.on_train_start(tr)
     n = len(data.train)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    batches = [perm[(i * batch) % (n - batch):(i * batch) % (n - batch) + batch] for i in range(steps)]
+    batches = [perm[(i * batch) % (n - batch):(i * batch) % (n - batch) + batch].to(device) for i in range(steps)]
+    x_all, y_all = tr.data.train.x, tr.data.train.y
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for idx in batches:
-        tr.train_step(data.train.x[idx], data.train.y[idx])
+        tr.train_step(x_all[idx], y_all[idx])
+    sync()
     wall = time.perf_counter() - t
     return wall, (upd.update_seconds if upd else 0.0), (upd.updates if upd else 0)
 
 
-def bench(name, make_model, data, batch, steps, reps, lines):
+def bench(name, make_model, data, batch, steps, reps, lines, device):
     times = {c[0]: [] for c in CONFIGS}
     upd_s = {c[0]: [] for c in CONFIGS}
     nupd = {}
     for r in range(reps):
         for label, grow, kw, dt in CONFIGS:
-            wall, us, nu = run_once(make_model, data, batch, steps, grow, kw, dt)
+            wall, us, nu = run_once(make_model, data, batch, steps, grow, kw, dt, device)
             times[label].append(wall)
             upd_s[label].append(us)
             nupd[label] = nu
@@ -123,6 +128,10 @@ def main() -> int:
     ap.add_argument("--steps-wrn", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (faiss stays on the CPU: vectors are copied)")
+    ap.add_argument("--batch-mlp", type=int, default=128)
+    ap.add_argument("--batch-wrn", type=int, default=32)
+    ap.add_argument("--wrn", default="10x1", help="WRN depth x width, e.g. 28x5 on a GPU")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
                                                    "bench", "dst.txt"))
     a = ap.parse_args()
@@ -131,17 +140,21 @@ def main() -> int:
 
     faiss.omp_set_num_threads(a.threads)
     lines = ["bench_dst: topology-update cost vs fixed-mask sparse training (issue 4)",
-             f"torch {torch.__version__}, faiss {faiss.__version__}, CPU, {a.threads} thread(s), "
+             f"torch {torch.__version__}, faiss {faiss.__version__}, {a.threads} CPU thread(s), "
              f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
              "80% sparse (uniform random masks), all conv/linear layers updated; drop fraction 0.3 at dT=100, "
              "0.05 at dT=1 (constant); faiss_grow: abs_ip, k_similar=0.15; recall logging off"]
+    device = torch.device(a.device)
+    lines.append(f"device: {device}")
     data, what = mnist()
     lines.append(f"MLP data: {what}")
-    bench("LeNet-300-100 (MNIST 28x28)", lambda: MLP(784, 10, [300, 100]), data, 128, a.steps_mlp, a.reps, lines)
+    bench("LeNet-300-100 (MNIST 28x28)", lambda: MLP(784, 10, [300, 100]), data, a.batch_mlp, a.steps_mlp, a.reps,
+          lines, device)
+    depth, width = (int(v) for v in a.wrn.split("x"))
     data32, what = mnist(pad_to=32, subset=5000)
     lines.append(f"\nWRN data: {what}")
-    bench("WideResNet-10-1 (MNIST padded to 32x32)", lambda: WideResNet(1, 10, depth=10, width=1), data32, 32,
-          a.steps_wrn, a.reps, lines)
+    bench(f"WideResNet-{depth}-{width} (MNIST padded to 32x32)", lambda: WideResNet(1, 10, depth=depth, width=width),
+          data32, a.batch_wrn, a.steps_wrn, a.reps, lines, device)
     text = "\n".join(lines) + "\n"
     print(text)
     from sparsebench.io import atomic_write_text

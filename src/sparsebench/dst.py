@@ -333,7 +333,8 @@ class FaissSearch(Search):
     ``k = ceil(k_similar * a)`` most similar (``q`` and ``-q`` for absolute metrics), merge and take
     the top n growable pairs (Figure 3.1, left). Indexes are cached per layer and dimension (an LSH
     rotation is drawn once). With ``rerank`` the merged candidates are re-scored by the exact
-    ``|<g, u>|`` before the top n (costs ``#candidates * R`` multiply-adds)."""
+    ``|<g, u>|`` before the top n, read from the ``(n_out, n_in)`` product ``|G^T U|`` (one matmul:
+    as costly as brute force's scoring, but the candidate set still comes from the index)."""
 
     def __init__(self, metric, k_similar=0.15, rerank=False):
         super().__init__(metric, k_similar, rerank)
@@ -366,21 +367,11 @@ class FaissSearch(Search):
         dev = mask_flat.device
         flat = torch.from_numpy(np.concatenate(flats)).to(dev)
         sim = torch.from_numpy(np.concatenate(sims).astype(np.float32)).to(dev)
-        if self.rerank:
-            sim = _pair_abs_ip(G, U, flat)
+        if self.rerank:  # exact |<g_j, u_i>| of the candidates, read from one (n_out, n_in) matmul
+            ok = flat >= 0
+            flat = flat[ok]
+            sim = (G.t() @ U).abs_().reshape(-1)[flat]
         return _merge_topn(flat, sim, mask_flat, n)
-
-
-def _pair_abs_ip(G: torch.Tensor, U: torch.Tensor, flat: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """``|<g_j, u_i>|`` for the flat positions ``j * n_in + i`` (invalid ``-1`` -> -inf), chunked."""
-    n_in = U.shape[1]
-    out = torch.full((flat.numel(),), _NEG_INF, device=G.device)
-    for s in range(0, flat.numel(), chunk):
-        f = flat[s:s + chunk]
-        ok = f >= 0
-        j, i = f[ok] // n_in, f[ok] % n_in
-        out[s:s + chunk][ok] = (G[:, j] * U[:, i]).sum(0).abs()
-    return out
 
 
 # =========================================================================== grow strategies
@@ -603,6 +594,10 @@ class DSTUpdater(Callback):
         self._excluded = 0.0
         self.updates = 0
         self.changed = 0
+        self.random_fill = 0
+        self.last_recall: Optional[float] = None
+        self._recall_hits = 0
+        self._recall_n = 0
         self._pending = False
 
     # ------------------------------------------------------------------ schedule
@@ -688,9 +683,9 @@ class DSTUpdater(Callback):
         self.changed += sum(done.values())
         stats = self.grow_strategy.stats
         self.last_recall = (stats["recall_hits"] / stats["recall_n"]) if stats.get("recall_n") else None
-        self._recall_hits = getattr(self, "_recall_hits", 0) + stats.get("recall_hits", 0)
-        self._recall_n = getattr(self, "_recall_n", 0) + stats.get("recall_n", 0)
-        self.random_fill = getattr(self, "random_fill", 0) + int(stats.get("random_fill", 0))
+        self._recall_hits += stats.get("recall_hits", 0)
+        self._recall_n += stats.get("recall_n", 0)
+        self.random_fill += int(stats.get("random_fill", 0))
         if self.metrics is not None:
             m = {f"{self.prefix}update_ms": 1000 * elapsed, f"{self.prefix}drop_fraction": d,
                  f"{self.prefix}grown": float(sum(done.values()))}
@@ -701,10 +696,9 @@ class DSTUpdater(Callback):
 
     def summary(self) -> Dict[str, float]:
         """``updates``, ``grown_total``, ``update_seconds``, ``recall_mean`` (NaN without recall), ``random_fill``."""
-        n = getattr(self, "_recall_n", 0)
+        n = self._recall_n
         return {"updates": self.updates, "grown_total": self.changed, "update_seconds": self.update_seconds,
-                "recall_mean": (self._recall_hits / n) if n else float("nan"),
-                "random_fill": getattr(self, "random_fill", 0)}
+                "recall_mean": (self._recall_hits / n) if n else float("nan"), "random_fill": self.random_fill}
 
 
 # =========================================================================== dst_masked (Liu et al. 2020)
