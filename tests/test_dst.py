@@ -314,3 +314,15 @@ def test_methods_run_on_real_mnist(tmp_path, method):
     row = df.iloc[0]
     assert row["density"] == pytest.approx(0.2, abs=1e-5) and row["updates"] == 4
     assert row["test_acc"] > 0.3 and 0 <= row["update_share"] < 1
+
+
+def test_allow_regrow_keeps_density_and_may_regrow_dropped_positions():
+    model, masking, counts = sparse_mlp(seed=2)
+    upd = DSTUpdater(masking, make_grow("rigl"), d0=0.5, schedule="constant", delta_t=1, t_end=1.0, allow_regrow=True)
+    check = Check(masking)
+    cfg = TrainerConfig(lr=0.05, batch_size=64, iterations=5, device="cpu")
+    Trainer(cfg, model, digits_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd, check]).fit()
+    assert all(h == counts for h in check.history)
+    for n, w, m in masking.items():
+        assert torch.all(w[m == 0] == 0)
+        assert sorted(upd.active_idx[n].tolist()) == m.reshape(-1).nonzero().squeeze(1).tolist()

@@ -344,6 +344,9 @@ class FaissSearch(Search):
         dim = db.shape[1]
         idx = self._indexes.get((key, dim))
         if idx is None:
+            import faiss
+
+            faiss.omp_set_num_threads(torch.get_num_threads())  # follow trainer.num_threads
             idx = self.metric.index(dim)
             if not idx.is_trained:
                 idx.train(db)
