@@ -367,7 +367,7 @@ def warmup(backend: str = "pynndescent", query: bool = False, **params) -> float
     paid outside timed regions. Returns the seconds it took (about 30 s the first time in a process
     for pynndescent on a 2-core CPU, ~0 afterwards and for the other backends)."""
     t0 = time.perf_counter()
-    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32)
     b = GRAPH_BACKENDS.get(backend)(**params)
     b.graph(x, 5)
     if query:
