@@ -37,23 +37,28 @@ def figure_path(spec: dict) -> Path:
 
 
 def source_runs(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs to build from: ``runs`` itself, or (``runs_from``) those of the named spec, run with this
-    spec's seeds (``quick_seeds`` in quick mode); finished runs come from the run cache.
+    """The runs to build from, with a ``spec_id`` column naming the spec that ran them: ``runs`` itself
+    plus, with ``runs_from``, those of the named spec, run with this spec's seeds (``quick_seeds`` in
+    quick mode); finished runs come from the run cache.
 
     Raises:
-        RuntimeError: the source spec produced no runs (every cell failed).
+        RuntimeError: no runs at all (every cell failed).
     """
+    if len(runs):
+        runs = runs.assign(spec_id=runs["spec_id"].fillna(spec["id"]) if "spec_id" in runs else spec["id"])
+    parts = [runs] if len(runs) else []
     src = spec.get("runs_from")
-    if not src:
-        return runs
-    quick = is_quick(spec)
-    seeds = spec.get("quick_seeds") if quick and spec.get("quick_seeds") else spec.get("seeds")
-    df, failed = run_spec(load_spec(src), quick=quick, seeds=seeds)
-    for f in failed:
-        print(f"  missing ({src}): {f}")
-    if df.empty:
-        raise RuntimeError(f"{spec['id']}: no runs of {src} could be produced")
-    return df
+    if src:
+        quick = is_quick(spec)
+        seeds = spec.get("quick_seeds") if quick and spec.get("quick_seeds") else spec.get("seeds")
+        df, failed = run_spec(load_spec(src), quick=quick, seeds=seeds)
+        for f in failed:
+            print(f"  missing ({src}): {f}")
+        if len(df):
+            parts.append(df.assign(spec_id=src))
+    if not parts:
+        raise RuntimeError(f"{spec['id']}: no runs could be produced")
+    return pd.concat(parts, ignore_index=True)
 
 
 def _savefig(fig, spec: dict) -> Path:
@@ -256,6 +261,8 @@ def t003_random(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     random budget where sparsity > 40%."""
     runs = source_runs(spec, runs)
     s = _setting_rows(runs)
+    imp_note = ("; IMP here prunes every layer by the same fraction (Algorithm 1), so at low density its "
+                "10x100 output layer is as sparse as the rest, while ERK / SNIP ratio keep it denser")
     levels = np.array(sorted(s.loc[s["setting"] != "imp", "density"].unique()))
     if len(levels):
         s.loc[s["setting"] == "imp", "density"] = [_nearest(levels, d) if d < 1 else 1.0
@@ -281,7 +288,8 @@ def t003_random(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
         out.append(rows(spec, f"{setting}, density {d:g}", "test_acc", g["test_acc"].tolist(), rep, budget=setting,
                         density=float(d), realised_density=float(g["realised"].mean()), ordering_holds=hold,
                         erk_snip_uniform_holds=c.get("erk_snip_uniform_holds"),
-                        imp_beats_random=c.get("imp_beats_random"), note=c.get("measured_order", "")))
+                        imp_beats_random=c.get("imp_beats_random"),
+                        note=c.get("measured_order", "") + (imp_note if c.get("imp_beats_random") is False else "")))
     _plot_t003(spec, s)
     return pd.DataFrame(out)
 
@@ -305,47 +313,60 @@ def _plot_t003(spec: dict, s: pd.DataFrame) -> None:
 
 
 # --------------------------------------------------------------------------- T003 neurons
+NEURON_SCHEDULES = {"T003-neurons": "Frankle & Carbin rates (hidden 20%, output 10% per round)",
+                    "T003-random": "every layer 50% per round (the IMP runs of T003-random)"}
+
+
 def t003_neurons(spec: dict, runs: pd.DataFrame, target: float = 0.13) -> pd.DataFrame:
     """T003-neurons: per hidden layer, the fraction of units with no incoming or no outgoing connection
-    at the IMP round whose density is closest to ``target``; every round is in the figure. Claim:
-    few neurons are pruned (checked as: under 10% of the hidden units of every layer)."""
+    at the IMP round whose density is closest to ``target``, for each IMP schedule (own runs and the
+    runs of ``runs_from``); every round is in the figure. Claim: few neurons are pruned (checked as:
+    under 10% of the units of every hidden layer)."""
     runs = source_runs(spec, runs)
     imp = runs[runs["method"] == "lth_imp_neurons"].copy()
+    imp["schedule"] = [NEURON_SCHEDULES.get(s, s) for s in imp["spec_id"]]
     cols = sorted(c for c in imp.columns if c.startswith(("hidden_dead/", "units_no_in/", "units_no_out/")))
-    by_round = imp.groupby("round")["density"].mean()
-    rnd = int((by_round - target).abs().idxmin())
-    at = imp[imp["round"] == rnd]
-    dens = float(at["density"].mean())
     dead_cols = [c for c in cols if c.startswith("hidden_dead/")]
-    holds = bool(all(at[c].mean() < 0.10 for c in dead_cols)) if dead_cols else None
-    note = (f"IMP round {rnd} at density {dens:.4f}: " +
-            ", ".join(f"{c.split('/', 1)[1]} {at[c].mean():.4f}" for c in dead_cols))
-    out = []
-    for c in cols + ["hidden_dead_all"]:
-        if c not in at:
-            continue
-        metric, _, layer = c.partition("/")
-        out.append(rows(spec, f"IMP round {rnd}, density {dens:.4f}, {layer or 'all hidden layers'}", metric,
-                        at[c].tolist(), "figure only: few neurons pruned", layer=layer or "all", round=rnd,
-                        density=dens, ordering_holds=holds, note=note))
-    _plot_neurons(spec, imp, dead_cols, rnd)
+    out, picked = [], {}
+    for schedule, g in imp.groupby("schedule", sort=False):
+        by_round = g.groupby("round")["density"].mean()
+        rnd = int((by_round - target).abs().idxmin())
+        picked[schedule] = rnd
+        at = g[g["round"] == rnd]
+        dens = float(at["density"].mean())
+        holds = bool(all(at[c].mean() < 0.10 for c in dead_cols)) if dead_cols else None
+        note = (f"IMP round {rnd} at density {dens:.4f}: units cut off " +
+                ", ".join(f"{c.split('/', 1)[1]} {at[c].mean():.4f}" for c in dead_cols) +
+                f"; test_acc {at['test_acc'].mean():.4f}")
+        for c in cols + ["hidden_dead_all"]:
+            if c not in at:
+                continue
+            metric, _, layer = c.partition("/")
+            out.append(rows(spec, f"{schedule}: round {rnd}, density {dens:.4f}, {layer or 'all hidden layers'}",
+                            metric, at[c].tolist(), "figure only: few neurons pruned", schedule=schedule,
+                            layer=layer or "all", round=rnd, density=dens, ordering_holds=holds, note=note))
+    _plot_neurons(spec, imp, dead_cols, picked)
     return pd.DataFrame(out)
 
 
-def _plot_neurons(spec: dict, imp: pd.DataFrame, dead_cols: List[str], rnd: int) -> None:
+def _plot_neurons(spec: dict, imp: pd.DataFrame, dead_cols: List[str], picked: Dict[str, int]) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    m = imp.groupby("round")[["density"] + dead_cols].mean()
-    for c in dead_cols:
-        ax.plot(m["density"], m[c] * 100, marker="o", label=f"hidden units of {c.split('/', 1)[1]}")
-    ax.axvline(m.loc[rnd, "density"], color="grey", ls=":", label=f"round {rnd} (~13% density)")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("IMP density")
-    ax.set_ylabel("% units with no in- or no outgoing connection")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{spec['id']}: neurons cut off during IMP (LeNet-300-100, MNIST)")
+    schedules = list(dict.fromkeys(imp["schedule"]))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 4), squeeze=False, sharey=True)
+    for ax, schedule in zip(axes[0], schedules):
+        m = imp[imp["schedule"] == schedule].groupby("round")[["density"] + dead_cols].mean()
+        for c in dead_cols:
+            ax.plot(m["density"], m[c] * 100, marker="o", label=f"hidden units of {c.split('/', 1)[1]}")
+        rnd = picked[schedule]
+        ax.axvline(m.loc[rnd, "density"], color="grey", ls=":", label=f"round {rnd} (~13% density)")
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("IMP density")
+        ax.set_title(schedule, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("% units with no in- or no outgoing connection")
+    fig.suptitle(f"{spec['id']}: neurons cut off during IMP (LeNet-300-100, MNIST)")
     _savefig(fig, spec)
 
 
