@@ -144,6 +144,41 @@ def random_growable(mask_flat: torch.Tensor, n: int, generator: torch.Generator,
     return cand[perm[:n]]
 
 
+_SAMPLE_GEN = torch.Generator().manual_seed(20200701)
+
+
+def topk_indices(scores: torch.Tensor, n: int, largest: bool = True, sample: int = 8192) -> torch.Tensor:
+    """Indices of the ``n`` largest (smallest) entries of a 1-D ``scores``: exact, like ``torch.topk``.
+
+    For large arrays and small ``n`` a threshold is first estimated from a random sample (its
+    ``1.2 n / N`` quantile plus four standard errors), every entry beyond it is kept
+    as a candidate (one vectorised comparison) and the exact top-n is taken among the candidates;
+    if fewer than ``n`` candidates pass, it falls back to a full ``torch.topk``. Since all candidates
+    lie beyond the threshold and there are at least ``n`` of them, the true top-n are among them.
+    About 4x faster than ``torch.topk`` on CPU for 235k scores and n = 1% (the ΔT=1 updates).
+    """
+    N = scores.numel()
+    if n <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    if N < 4 * sample or n > N // 16:
+        return torch.topk(scores, n, largest=largest, sorted=False).indices
+    idx = torch.randint(0, N, (sample,), generator=_SAMPLE_GEN).to(scores.device)
+    sub = scores[idx]
+    p = n / N
+    frac = min(1.0, 1.2 * p + 4.0 * math.sqrt(p * (1 - p) / sample) + 2.0 / sample)  # quantile + 4 std margin
+    k = max(1, int(frac * sample))
+    t = torch.topk(sub, k, largest=largest, sorted=False).values
+    t = float(t.min() if largest else t.max())
+    if scores.device.type == "cpu":  # numpy's flatnonzero is several times faster than torch.nonzero here
+        arr = scores.detach().contiguous().numpy()
+        cand = torch.from_numpy(np.flatnonzero(arr >= t if largest else arr <= t))
+    else:
+        cand = (scores >= t if largest else scores <= t).nonzero().squeeze(1)
+    if cand.numel() < n or cand.numel() > N // 2:
+        return torch.topk(scores, n, largest=largest, sorted=False).indices
+    return cand[torch.topk(scores[cand], n, largest=largest, sorted=False).indices]
+
+
 def reset_state_at(optimizer: torch.optim.Optimizer, param: nn.Parameter, flat_idx: torch.Tensor) -> None:
     """Zero every per-parameter optimizer buffer of ``param`` (SGD momentum, Adam moments) at the
     flat positions ``flat_idx`` (index form of :meth:`Masking.reset_optimizer_state`, O(n))."""
@@ -324,7 +359,7 @@ class BruteForceSearch(Search):
                               "(or metric=abs_ip for the exact search)")
         s = self.metric.exact(G, U).reshape(-1)
         s[blocked] = _NEG_INF
-        return torch.topk(s, n, sorted=False).indices
+        return topk_indices(s, n)
 
 
 @SEARCHES.register("faiss")
@@ -452,7 +487,7 @@ class GradientGrow(GrowStrategy):
             return random_growable(layer.mask_flat, layer.n, self.generator)
         s = s.view(-1)
         s[layer.blocked] = _NEG_INF
-        return torch.topk(s, layer.n, sorted=False).indices
+        return topk_indices(s, layer.n)
 
 
 @GROWTH.register("faiss_grow")
@@ -660,7 +695,7 @@ class DSTUpdater(Callback):
             n = min(int(round(d * n_active)), numel - n_active, n_active)
             if n <= 0:
                 continue
-            drop_slots = torch.topk(w_flat[active].abs(), n, largest=False, sorted=False).indices
+            drop_slots = topk_indices(w_flat[active].abs(), n, largest=False)
             dropped = active[drop_slots]
             if self.allow_regrow:
                 m_flat[dropped] = 0
