@@ -326,3 +326,18 @@ def test_allow_regrow_keeps_density_and_may_regrow_dropped_positions():
     for n, w, m in masking.items():
         assert torch.all(w[m == 0] == 0)
         assert sorted(upd.active_idx[n].tolist()) == m.reshape(-1).nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_sampled_threshold_topk_is_exact(largest):
+    from sparsebench.dst import topk_indices
+
+    gen = torch.Generator().manual_seed(0)
+    for N, n in [(200_000, 1), (200_000, 2000), (50_000, 3000), (1000, 10)]:
+        s = torch.randn(N, generator=gen)
+        s[torch.randint(0, N, (N // 5,), generator=gen)] = -float("inf")
+        for scores in (s, s.round()):  # with many ties
+            got = topk_indices(scores, n, largest=largest)
+            assert got.numel() == n and got.unique().numel() == n
+            ref = torch.topk(scores, n, largest=largest).values
+            assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
