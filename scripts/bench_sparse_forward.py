@@ -53,7 +53,9 @@ def main() -> int:
     x, source = batch(a.batch)
     lines = [f"fc5 784-1000-1000-500-200-10, batch {a.batch} ({source}); torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; min over {a.repeats} interleaved "
-             f"repeats; ratio = dense time / sparse (CSR export) time"]
+             f"repeats; ratio = dense time / sparse (CSR export) time",
+             f"load average at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())} (a shared machine inflates the "
+             f"multi-thread dense times most; the 1-thread rows are the fairer comparison)"]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     default_threads = torch.get_num_threads()
     ok = True
