@@ -82,6 +82,18 @@ def _plt():
     return plt
 
 
+def _density_ticks(ax) -> None:
+    """Plain-number ticks on a log density axis (no overlapping minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ticks = [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]
+    lo, hi = sorted(ax.get_xlim())
+    ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if lo <= t <= hi]))
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _critical_k(g: pd.DataFrame, drop: float = 0.05) -> float:
     """Smallest k whose mean test accuracy is more than ``drop`` below the k = 0 accuracy (inf if none)."""
     m = g.groupby("k")["test_acc"].mean().sort_index()
@@ -304,6 +316,7 @@ def _plot_t003(spec: dict, s: pd.DataFrame) -> None:
                                                                                        if setting == "erk" else setting))
     ax.set_xscale("log")
     ax.invert_xaxis()
+    _density_ticks(ax)
     ax.set_xlabel("density (fraction of weights kept)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
@@ -361,6 +374,7 @@ def _plot_neurons(spec: dict, imp: pd.DataFrame, dead_cols: List[str], picked: D
         ax.axvline(m.loc[rnd, "density"], color="grey", ls=":", label=f"round {rnd} (~13% density)")
         ax.set_xscale("log")
         ax.invert_xaxis()
+        _density_ticks(ax)
         ax.set_xlabel("IMP density")
         ax.set_title(schedule, fontsize=9)
         ax.grid(alpha=0.3, which="both")
