@@ -181,7 +181,7 @@ class RunConfig:
 GROUP_SCHEMAS = {"dataset": DatasetConfig, "model": ModelConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
 
 # keys that never change a run's result and are left out of its hash
-HASH_EXCLUDE = ("logger", "out_dir", "results_csv", "resume", "dataset.root", "dataset.download",
+HASH_EXCLUDE = ("logger", "out_dir", "results_csv", "resume", "experiment", "dataset.root", "dataset.download",
                 "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.checkpoint_every")
 
 
