@@ -28,5 +28,9 @@ TABLE_IDS := $(shell $(PY) -c "import re,pathlib;print(' '.join(sorted(p.stem fo
 
 tables: $(addprefix table-,$(TABLE_IDS))
 
+# the document's full setting (e.g. WRN-28x5 on CIFAR-100 for T001-*): make table-full-T001-3.1
+table-full-%: $(STAMP)
+	$(BIN)/python scripts/make_table.py --full $*
+
 table-%: $(STAMP)
 	$(BIN)/python scripts/make_table.py $*

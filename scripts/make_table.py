@@ -18,13 +18,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("table_id")
     ap.add_argument("--quick", action="store_true", help="append the spec's 'quick' overrides (smoke test)")
+    ap.add_argument("--full", action="store_true",
+                    help="run the spec's full_scale setting (the document's; needs its data, usually a GPU) "
+                         "and write results/full/<ID>.csv")
     ap.add_argument("--out", default=None, help="output directory (default results/)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds overriding the spec's")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
     try:
-        path = make_table(a.table_id, quick=a.quick, out_dir=a.out, extra=a.overrides, seeds=seeds)
+        path = make_table(a.table_id, quick=a.quick, out_dir=a.out, extra=a.overrides, seeds=seeds, full=a.full)
     except SparsebenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

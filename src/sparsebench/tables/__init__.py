@@ -111,16 +111,41 @@ def run_spec(spec: dict, quick: bool = False, extra: Sequence[str] = (), seeds: 
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), failed
 
 
+def full_scale_spec(spec: dict) -> dict:
+    """The spec with its ``full_scale`` runs (the document's setting) in place of the reduced ``runs``.
+
+    Raises:
+        ConfigError: the spec has no ``full_scale`` entry.
+    """
+    if not spec.get("full_scale"):
+        raise ConfigError(f"table {spec['id']}: experiments/{spec['id']}.yaml has no 'full_scale' runs")
+    datasets = sorted({o.split("=", 1)[1] for run in spec["full_scale"] for o in run if o.startswith("dataset=")})
+    return {**spec, "runs": spec["full_scale"], "quick": [],
+            "dataset_used": ", ".join(datasets) or spec["dataset_used"],
+            "scale": f"FULL SCALE (the document's setting): {spec.get('full_scale_note', 'see full_scale in the spec')}"}
+
+
 def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = None, extra: Sequence[str] = (),
-               seeds: Optional[List[int]] = None) -> Path:
-    """Run ``experiments/<table_id>.yaml`` and write its CSV; failed cells are reported, not fatal."""
+               seeds: Optional[List[int]] = None, full: bool = False) -> Path:
+    """Run ``experiments/<table_id>.yaml`` and write its CSV; failed cells are reported, not fatal.
+
+    With ``full`` the spec's ``full_scale`` runs are used and the CSV goes to ``results/full/``.
+    """
     spec = load_spec(table_id)
+    if full:
+        spec = full_scale_spec(spec)
+        out_dir = out_dir or RESULTS / "full"
     if quick:
         spec["scale"] = f"QUICK SMOKE TEST (overrides {' '.join(spec.get('quick', []))}); full: {spec['scale']}"
     runs, failed = run_spec(spec, quick=quick, extra=extra, seeds=seeds)
-    table = get_builder(spec)(spec, runs)
     if failed:
         print(f"{table_id}: {len(failed)} missing cell(s):")
         for f in failed:
             print("  missing:", f)
+    if spec["runs"] and runs.empty:
+        from ..errors import SparsebenchError
+
+        raise SparsebenchError(f"table {table_id}: all {len(failed)} cells failed (first: {failed[0]}); "
+                               f"no CSV written")
+    table = get_builder(spec)(spec, runs)
     return write_table(table, table_id, out_dir)
