@@ -55,7 +55,10 @@ def lpa_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
         extra["dataset"] = first["dataset"]
         for m in metrics:
             vals = df[m].astype(float).tolist() if m in df.columns else []
-            out.append(rows(spec, label, m, vals, _reported(spec, label, m), **extra))
+            rep = _reported(spec, label, m)
+            if m == "recall" and not any(v == v for v in vals) and rep == "":
+                continue  # exact backend: recall is 1 by definition and not measured
+            out.append(rows(spec, label, m, vals, rep, **extra))
     return pd.DataFrame(out)
 
 
