@@ -64,7 +64,8 @@ def synthetic(shape, classes, n, device):
     return DataBundle("synthetic", "image", s, Split(x[:1], y[:1]), Split(x[:1], y[:1]), classes)
 
 
-def time_steps(make_model, variant, sparsity, data, cfg, device, steps, warmup, repeats):
+def make_trainer(make_model, variant, sparsity, data, cfg, device):
+    """A Trainer for one variant: ``dense``, ``masked`` (our mechanism) or ``reference`` (weight*mask)."""
     set_seed(0)
     model = make_model()
     masking = None
@@ -76,22 +77,28 @@ def time_steps(make_model, variant, sparsity, data, cfg, device, steps, warmup, 
             masking.set_masks(masks)
         else:  # reference: mask multiplied in forward
             model = wrap_mask_in_forward(model, masks)
-    t = Trainer(cfg, model, data, device, masking=masking, seed=0)
-    bs = cfg.batch_size
-    x, y = t.data.train.x[:bs], t.data.train.y[:bs]
-    for _ in range(warmup):
-        t.train_step(x, y)
-    best = float("inf")
+    return Trainer(cfg, model, data, device, masking=masking, seed=0)
+
+
+def time_round_robin(trainers: dict, steps: int, warmup: int, repeats: int, device) -> dict:
+    """Best-of-``repeats`` images/s per variant; the variants alternate within every repeat, so slow
+    drifts of the machine (frequency, other jobs) hit all of them alike."""
+    best = {k: float("inf") for k in trainers}
+    batches = {k: (t.data.train.x[:t.cfg.batch_size], t.data.train.y[:t.cfg.batch_size]) for k, t in trainers.items()}
+    for k, t in trainers.items():
+        for _ in range(warmup):
+            t.train_step(*batches[k])
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            t.train_step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return steps * bs / best, model
+        for k, t in trainers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                t.train_step(*batches[k])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: steps * trainers[k].cfg.batch_size / v for k, v in best.items()}
 
 
 def flops_per_image(make_model, shape, device):
@@ -109,14 +116,13 @@ def bench(name, make_model, shape, classes, args, device):
                         channels_last=args.channels_last and len(shape) == 3, compile=args.compile,
                         cudnn_benchmark=device.type == "cuda", nan_check=False)
     data = synthetic(shape, classes, args.batch, device)
-    rows = {}
-    rows["dense"], _ = time_steps(make_model, "dense", 0, data, cfg, device, args.steps, args.warmup, args.repeats)
+    variants = {"dense": ("dense", 0.0)}
     for sp in (0.8, 0.9):
-        rows[f"masked {int(sp * 100)}%"], _ = time_steps(make_model, "masked", sp, data, cfg, device, args.steps,
-                                                         args.warmup, args.repeats)
+        variants[f"masked {int(sp * 100)}%"] = ("masked", sp)
         if not args.compile:
-            rows[f"weight*mask {int(sp * 100)}% (reference)"], _ = time_steps(
-                make_model, "reference", sp, data, cfg, device, args.steps, args.warmup, args.repeats)
+            variants[f"weight*mask {int(sp * 100)}% (reference)"] = ("reference", sp)
+    trainers = {k: make_trainer(make_model, v, sp, data, cfg, device) for k, (v, sp) in variants.items()}
+    rows = time_round_robin(trainers, args.steps, args.warmup, args.repeats, device)
     print(f"\n== {name}  batch {args.batch}  device {device}  amp={args.amp} channels_last={cfg.channels_last} "
           f"compile={args.compile}")
     dense = rows["dense"]
@@ -143,6 +149,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-wrn", action="store_true", help="CPU: only the LeNet-300-100 mask-overhead part")
     args = ap.parse_args()
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
@@ -152,8 +159,10 @@ def main():
     if device.type == "cpu":
         a = argparse.Namespace(**{**vars(args), "batch": args.batch or 64, "steps": args.steps or 200})
         bench("LeNet-300-100 (MNIST shape 1x28x28)", lambda: MLP(784, 10, [300, 100]), (1, 28, 28), 10, a, device)
+        if args.skip_wrn:
+            return
         depth, width = args.wrn or (10, 2)
-        a = argparse.Namespace(**{**vars(args), "batch": args.batch or 64, "steps": args.steps or 10})
+        a = argparse.Namespace(**{**vars(args), "batch": args.batch or 64, "steps": 10})
         bench(f"WRN-{depth}-{width} (3x32x32)", lambda: WideResNet(3, 100, depth, width), (3, 32, 32), 100, a,
               device)
     else:

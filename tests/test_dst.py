@@ -140,7 +140,7 @@ def test_weight_grad_is_dense_in_on_after_backward_and_equals_grad_out_x():
             captured["grad"] = layer.weight.grad.clone()
 
         def on_step_end(self, trainer):
-            captured["after"] = layer.weight.grad.clone()
+            captured["after"] = layer.weight.detach().clone()
 
     cfg = TrainerConfig(lr=0.05, batch_size=256, iterations=1, device="cpu", momentum=0.0)
     Trainer(cfg, model, data, torch.device("cpu"), masking=masking, callbacks=[Grab()]).fit()
@@ -148,7 +148,7 @@ def test_weight_grad_is_dense_in_on_after_backward_and_equals_grad_out_x():
     m = masking.mask("layers.0.weight")
     assert (g[m == 0] != 0).sum() > 0.5 * (m == 0).sum()  # dense: inactive positions have gradients
     torch.testing.assert_close(g, store["g"].t() @ store["x"], rtol=1e-4, atol=1e-6)
-    assert torch.all(captured["after"][m == 0] == 0)  # the pre-step hook masked it afterwards
+    assert torch.all(captured["after"][m == 0] == 0)  # the post-step hook zeroed what the dense step touched
 
 
 def _fixed_vectors(seed=0, R=32, n_out=20, n_in=30):

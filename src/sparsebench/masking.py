@@ -5,10 +5,10 @@ whose name matches no exclusion pattern), gives each a mask buffer ``<module>.we
 shape and dtype as the weight, 1 = active, 0 = pruned; saved in ``model.state_dict()`` and so in
 every checkpoint) and keeps the invariant *pruned weights are exactly zero*:
 
-* once attached to an optimizer, gradients are multiplied by the mask in place before every
-  ``optimizer.step()`` and weights after it (``register_step_pre_hook`` / ``register_step_post_hook``),
-  so momentum and weight decay cannot revive a pruned weight and no ``weight * mask`` product is
-  formed in the forward pass (the in-place form costs a few percent, see issue 6);
+* once attached to an optimizer, weights are multiplied by their masks in place after every
+  ``optimizer.step()`` (``register_step_post_hook``, one fused ``_foreach_mul_``), so neither gradients,
+  momentum nor weight decay can revive a pruned weight, and no ``weight * mask`` product is formed in
+  the forward pass (``scripts/bench_train.py`` measures the cost against that reference);
 * :meth:`set_mask` writes a new mask and zeroes the weights it removes at once.
 
 Methods only compute new masks (scores + :func:`topk_mask`); the training loop never branches on
@@ -95,9 +95,10 @@ class Masking:
     # ------------------------------------------------------------------ invariants
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero every pruned weight in place (``w *= mask``)."""
-        for m in self._modules.values():
-            m.weight.mul_(m.weight_mask)
+        """Zero every pruned weight in place (``w *= mask``; one fused multi-tensor op)."""
+        mods = list(self._modules.values())
+        if mods:
+            torch._foreach_mul_([m.weight.data for m in mods], [m.weight_mask for m in mods])
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
@@ -106,11 +107,18 @@ class Masking:
             if m.weight.grad is not None:
                 m.weight.grad.mul_(m.weight_mask)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Mask gradients before and weights after every ``optimizer.step()`` (hooks; idempotent)."""
+    def attach(self, optimizer: torch.optim.Optimizer, mask_grads: bool = False) -> None:
+        """Zero pruned weights after every ``optimizer.step()`` (a step post-hook; idempotent).
+
+        That alone keeps the invariant: whatever the optimizer does to a pruned weight (momentum, Adam,
+        weight decay) is undone before the next forward pass. The optimizer state of pruned positions is
+        not kept at zero; methods that regrow weights reset it (:meth:`reset_optimizer_state`). With
+        ``mask_grads`` gradients are also masked before the step (about twice the cost).
+        """
         self.detach()
-        self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()),
-                       optimizer.register_step_post_hook(lambda *_: self.apply_())]
+        self._hooks = [optimizer.register_step_post_hook(lambda *_: self.apply_())]
+        if mask_grads:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()))
 
     def detach(self) -> None:
         for h in self._hooks:
