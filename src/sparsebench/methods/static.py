@@ -175,13 +175,15 @@ class RandomPruneConfig(MethodConfig):
                self.snip_batch_size, "must be >= 1 or null")
 
 
-@METHODS.register("random_prune", schema=RandomPruneConfig)
-class RandomPrune(Method):
-    """Random pruning at initialisation under a layer-wise budget, then training (mask fixed).
+class PruneAtInit(Method):
+    """Shared flow of pruning at initialisation: build the model, choose masks once (:meth:`init_masks`),
+    log the per-layer densities and neuron accounting, train with the masks fixed; one summary row."""
 
-    Summary row: ``budget``, realised ``density``, ``target_density``, per-layer ``density/<layer>``,
-    neuron accounting and the trainer's final metrics.
-    """
+    def init_masks(self, model, masking: Masking, trainer, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def row_extra(self) -> dict:
+        return {}
 
     def run(self) -> pd.DataFrame:
         ctx, cfg = self.ctx, self.cfg
@@ -189,18 +191,34 @@ class RandomPrune(Method):
         masking = ctx.masking(model)
         trainer = ctx.trainer(model, masking)
         gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 7919)
-        scores = None
-        if cfg.budget == "snip_ratio":
-            scores = snip_scores(model, masking, trainer.data.train.x, trainer.data.train.y, trainer.loss_fn,
-                                 cfg.snip_batches, cfg.snip_batch_size or ctx.cfg.trainer.batch_size, gen)
-        counts = layer_counts(masking, cfg.density, cfg.budget, dense=list(cfg.dense), scores=scores,
-                              erk_power_scale=cfg.erk_power_scale)
-        masking.set_masks(random_masks(masking, counts, gen))
+        masking.set_masks(self.init_masks(model, masking, trainer, gen))
         init = _mask_row_values(masking)
         ctx.metrics.log(0, init)
         final = trainer.fit()
-        return pd.DataFrame([self.row(budget=cfg.budget, target_density=cfg.density, density=masking.density(),
+        return pd.DataFrame([self.row(**self.row_extra(), target_density=cfg.density, density=masking.density(),
                                       **final, **init)])
+
+
+@METHODS.register("random_prune", schema=RandomPruneConfig)
+class RandomPrune(PruneAtInit):
+    """Random pruning at initialisation under a layer-wise budget, then training (mask fixed).
+
+    Summary row: ``budget``, realised ``density``, ``target_density``, per-layer ``density/<layer>``,
+    neuron accounting and the trainer's final metrics.
+    """
+
+    def init_masks(self, model, masking, trainer, gen):
+        cfg = self.cfg
+        scores = None
+        if cfg.budget == "snip_ratio":
+            scores = snip_scores(model, masking, trainer.data.train.x, trainer.data.train.y, trainer.loss_fn,
+                                 cfg.snip_batches, cfg.snip_batch_size or self.ctx.cfg.trainer.batch_size, gen)
+        counts = layer_counts(masking, cfg.density, cfg.budget, dense=list(cfg.dense), scores=scores,
+                              erk_power_scale=cfg.erk_power_scale)
+        return random_masks(masking, counts, gen)
+
+    def row_extra(self) -> dict:
+        return {"budget": self.cfg.budget}
 
 
 # --------------------------------------------------------------------------- SNIP
@@ -222,22 +240,14 @@ class SnipConfig(MethodConfig):
 
 
 @METHODS.register("snip", schema=SnipConfig)
-class Snip(Method):
+class Snip(PruneAtInit):
     """SNIP: prune once at initialisation by connection sensitivity, then train with the mask fixed."""
 
-    def run(self) -> pd.DataFrame:
-        ctx, cfg = self.ctx, self.cfg
-        model = ctx.new_model()
-        masking = ctx.masking(model)
-        trainer = ctx.trainer(model, masking)
-        gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 7919)
+    def init_masks(self, model, masking, trainer, gen):
+        cfg = self.cfg
         scores = snip_scores(model, masking, trainer.data.train.x, trainer.data.train.y, trainer.loss_fn,
-                             cfg.batches, cfg.batch_size or ctx.cfg.trainer.batch_size, gen)
-        masking.set_masks(global_topk_masks(masking, scores, cfg.density, _matching(masking, cfg.dense)))
-        init = _mask_row_values(masking)
-        ctx.metrics.log(0, init)
-        final = trainer.fit()
-        return pd.DataFrame([self.row(target_density=cfg.density, density=masking.density(), **final, **init)])
+                             cfg.batches, cfg.batch_size or self.ctx.cfg.trainer.batch_size, gen)
+        return global_topk_masks(masking, scores, cfg.density, _matching(masking, cfg.dense))
 
 
 # --------------------------------------------------------------------------- randomized pruning (000)
