@@ -1,6 +1,5 @@
 #!/usr/bin/env python
 """Write results/README.md: every table ID with its spec, make target, CSV and what was actually run."""
-import os
 import sys
 from pathlib import Path
 

@@ -8,9 +8,8 @@ as run id with ``resume="allow"``; ``wandb.finish()`` always runs.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch

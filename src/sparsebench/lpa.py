@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .graph import KnnGraph, check_k, knn_graph, knn_search, sampled_recall, warmup
 from .registry import Registry
 

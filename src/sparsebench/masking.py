@@ -17,7 +17,7 @@ the method. Idea after Dettmers & Zettlemoyer's ``Masking`` class (sparse_learni
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn

@@ -6,7 +6,7 @@ mechanism with pluggable parts).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Generic, Optional, TypeVar
 
 from .errors import ConfigError
 

@@ -20,7 +20,7 @@ from typing import List, Optional
 import pandas as pd
 import torch
 
-from ..budgets import BUDGETS, layer_counts, random_masks
+from ..budgets import layer_counts, random_masks
 from ..config import MethodConfig, _check, check_density, check_fraction
 from ..dst import (DROP_SCHEDULES, GROWTH, METRICS, SEARCHES, DSTUpdater, ThresholdMaskCallback,
                    attach_threshold_masks)
