@@ -341,3 +341,62 @@ def test_sampled_threshold_topk_is_exact(largest):
             assert got.numel() == n and got.unique().numel() == n
             ref = torch.topk(scores, n, largest=largest).values
             assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
+    # with a threshold hint carried between calls (CPU): exact even when the distribution shifts a lot
+    hint = {}
+    for shift in (0.0, 0.01, 3.0, -5.0, 0.0):
+        scores = torch.randn(100_000, generator=gen) + shift
+        scores[:50_000] *= 1 + abs(shift)
+        got = topk_indices(scores, 1500, largest=largest, hint=hint)
+        assert "t" in hint and got.numel() == 1500 and got.unique().numel() == 1500
+        ref = torch.topk(scores, 1500, largest=largest).values
+        assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
+
+
+def test_brute_abs_ip_reads_the_dense_gradient_and_matches_the_explicit_search():
+    # faiss_grow search=brute metric=abs_ip takes |weight.grad| (== |G^T U|) instead of capturing vectors:
+    # on a Linear and a Conv2d layer its chosen set equals the explicit brute-force search over the
+    # captured (unfolded) vectors, up to float rounding at the n-th score.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+    masking = Masking(model)
+    masking.set_masks(random_masks(masking, layer_counts(masking, 0.3, "uniform"), torch.Generator().manual_seed(0)))
+    grow = make_grow("faiss_grow", metric="abs_ip", search="brute")
+    assert grow.from_gradient and not grow.needs_activations and grow.needs_gradients
+    assert not make_grow("faiss_grow", metric="abs_ip", search="brute", max_rows=10**6).from_gradient
+    upd = DSTUpdater(masking, grow, d0=0.2, schedule="constant", delta_t=1, t_end=1.0)
+    assert upd.capture is None
+    data = digits_bundle()
+    x, y = data.train.x[:200].reshape(-1, 1, 8, 8), data.train.y[:200]
+    inputs, gouts = {}, {}
+    def keep(name):
+        def hook(mod, inp, out):
+            inputs[name] = inp[0].detach()
+            out.register_hook(lambda g: gouts.__setitem__(name, g))
+        return hook
+
+    for name in masking.names:
+        masking.module(name).register_forward_hook(keep(name))
+    F.cross_entropy(model(x), y).backward()
+
+    class Updater:
+        pass
+
+    u = Updater()
+    u.masking = masking
+    grow.prepare(u, masking.names)
+    from sparsebench.dst import LayerUpdate
+
+    for name in masking.names:
+        m_flat = masking.mask(name).reshape(-1)
+        blocked = m_flat.nonzero().squeeze(1)
+        n = 20
+        layer = LayerUpdate(name, masking.module(name), masking.weight(name), m_flat, blocked, n)
+        got = grow.grow(layer, u)
+        U, G = layer_vectors(masking.module(name), inputs[name], gouts[name])
+        want = BruteForceSearch(AbsInnerProduct()).find(name, G, U, m_flat, blocked.clone(), n)
+        assert got.numel() == n and got.unique().numel() == n and torch.all(m_flat[got] == 0)
+        ref = (G.t() @ U).abs().reshape(-1)
+        kth = torch.sort(ref[want]).values[0]
+        assert torch.all(ref[got] >= kth * (1 - 1e-4)), name
+        assert len(set(got.tolist()) & set(want.tolist())) >= n - 1, name
+    assert grow.stats["recall_hits"] == grow.stats["recall_n"] == 2 * 20
