@@ -2,7 +2,8 @@
 
 Trains a masked MLP on Digits with a callback that changes masks from *rank-local* randomness (as a
 dynamic-sparse update driven by rank-local activations would); the trainer must broadcast rank 0's
-masks so that all ranks end identical. Each rank saves its final state to <out>/rank<r>.pt.
+masks so that all ranks end identical. Each rank saves its final state to <out>/rank<r>.pt. ``python ddp_worker.py OUT faiss_grow`` runs the real
+DST updater with faiss_grow instead.
 """
 import sys
 
@@ -26,17 +27,24 @@ class RankLocalRegrow(Callback):
             trainer.masking.set_mask(name, topk_mask(torch.rand(m.shape, generator=g), k))
 
 
-def main(out):
+def main(out, mode="regrow"):
     set_seed(0)
     data = load_dataset(DatasetConfig(name="digits"), seed=0)
     model = MLP(64, 10, [32])
     masking = Masking(model)
     masking.set_masks(magnitude_masks(masking, {n: 0.5 for n in masking.names}))
     cfg = TrainerConfig(epochs=4, batch_size=64, lr=0.05)
-    trainer = Trainer(cfg, model, data, torch.device("cpu"), masking=masking, callbacks=[RankLocalRegrow()], seed=0)
+    if mode == "faiss_grow":  # the real DST update, growth chosen from rank-local captured activations
+        from sparsebench.dst import GROWTH, DSTUpdater
+
+        grow = GROWTH.get("faiss_grow")(torch.Generator().manual_seed(0), metric="abs_ip", search="faiss")
+        callbacks = [DSTUpdater(masking, grow, d0=0.3, schedule="constant", delta_t=10, t_end=1.0)]
+    else:
+        callbacks = [RankLocalRegrow()]
+    trainer = Trainer(cfg, model, data, torch.device("cpu"), masking=masking, callbacks=callbacks, seed=0)
     final = trainer.fit()
     torch.save({"state": model.state_dict(), "final": final, "world": trainer.world}, f"{out}/rank{trainer.rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -4,15 +4,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
 
 
-def test_ddp_gloo_two_processes_keep_masks_identical(tmp_path):
+@pytest.mark.parametrize("mode,port", [("regrow", 29533), ("faiss_grow", 29534)])
+def test_ddp_gloo_two_processes_keep_masks_identical(tmp_path, mode, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        str(HERE / "ddp_worker.py"), str(tmp_path)], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(HERE / "ddp_worker.py"), str(tmp_path), mode], capture_output=True, text=True, env=env,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -896,8 +896,10 @@ class DSTUpdater(Callback):
             A[drop_slots] = grown
             done[name] = n
         self.grow_strategy.release()
-        if done:
-            self.masking.version += 1  # masks changed in place: data-parallel training syncs them from rank 0
+        if done and self.grow_strategy.needs_activations:
+            # chosen from this process' own activations: data-parallel ranks differ, the trainer syncs rank 0's
+            # masks when the version moves (gradient and random growth see all-reduced gradients / the same seed)
+            self.masking.version += 1
         elapsed = time.perf_counter() - t0 - self._excluded
         self.update_seconds += elapsed
         self.updates += 1
