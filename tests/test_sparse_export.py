@@ -57,7 +57,7 @@ def test_auto_layout_keeps_dense_layers_dense_and_convs_untouched():
     with torch.no_grad():
         assert torch.allclose(ex(x), wrn(x), atol=1e-4)
     with pytest.raises(ConfigError, match="layout"):
-        export_sparse(wrn, "bsr")
+        export_sparse(wrn, "ell")
 
 
 def test_forward_time_method_rows(compose_cfg):

@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -192,6 +194,44 @@ def magnitude_masks(masking: Masking, densities: Dict[str, float], among_active:
         if among_active:
             score = torch.where(m > 0, score, torch.full_like(score, -float("inf")))
         out[name] = topk_mask(score, num_to_keep(w.numel(), densities[name]))
+    return out
+
+
+def nm_masks(masking: Masking, n: int = 2, m: int = 4) -> Dict[str, torch.Tensor]:
+    """N:M structured magnitude pruning: in every group of ``m`` consecutive weights along the input
+    dimension keep the ``n`` largest ``|w|`` (2:4 by default, the pattern of the sparse tensor cores).
+
+    A Linear weight ``(out, in)`` is grouped as ``(out, in / m, m)``; a convolution weight
+    ``(out, in, *kernel)`` is flattened per output row to ``(out, in * prod(kernel))`` and grouped the
+    same way (groups run over the flattened ``(in, *kernel)`` in memory order). Scores are the current
+    ``|w|``; pruned weights are zero and so rank last, but a group is always filled up to ``n`` (ties
+    broken by ``torch.topk``'s order). Every layer ends at density exactly ``n / m``.
+
+    Source: Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks" (arXiv:2104.08378), and
+    NVIDIA's ASP ``m4n2_1d`` mask; written anew. Export with
+    ``sparsebench.sparse_export.export_sparse(model, "semi_structured")`` on a CUDA GPU.
+
+    Returns:
+        ``{name: float 0/1 mask of the weight's shape}`` for every prunable weight of ``masking``.
+
+    Raises:
+        ConfigError: ``n`` / ``m`` not ints with ``0 < n <= m``, or a layer whose (flattened) input
+            dimension is not divisible by ``m`` (the message names it; exclude it from the
+            :class:`Masking`, e.g. the first conv with 3 input channels).
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ConfigError(f"nm_masks n={n!r}, m={m!r}: need ints with 0 < n <= m")
+    out = {}
+    for name, w, _ in masking.items():
+        rows = w.shape[0]
+        cols = w.numel() // max(1, rows)
+        if cols % m:
+            raise ConfigError(f"nm_masks m={m}: {name} of shape {tuple(w.shape)} has an input dimension of {cols} "
+                              f"(flattened per output row), not divisible by {m}; exclude it from the Masking")
+        groups = w.detach().abs().float().reshape(rows, cols // m, m)
+        keep = groups.topk(n, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
+        out[name] = mask.reshape(w.shape)
     return out
 
 
