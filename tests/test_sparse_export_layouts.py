@@ -7,6 +7,7 @@ from sparsebench.errors import ConfigError
 from sparsebench.masking import Masking, magnitude_masks, nm_masks
 from sparsebench.models import MLP
 from sparsebench.sparse_export import SparseLinear, export_sparse, nm_violations, sparse_size_bytes
+from test_sparse_export import masked_mlp
 
 CUDA_24 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -48,14 +49,6 @@ def test_nm_masks_reject_indivisible_input_dim_and_bad_nm():
     assert set(nm_masks(mk, 1, 2)) == set(mk.names)  # 30 and 20 are even
     with pytest.raises(ConfigError, match="0 < n <= m"):
         nm_masks(mk, 3, 2)
-
-
-def masked_mlp(density):
-    torch.manual_seed(0)
-    model = MLP(784, 10, [300, 100])
-    mk = Masking(model)
-    mk.set_masks(magnitude_masks(mk, {n: density for n in mk.names}))
-    return model.eval(), mk
 
 
 @pytest.mark.parametrize("blocksize", [None, (2, 2), (1, 1)])
