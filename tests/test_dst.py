@@ -400,3 +400,51 @@ def test_brute_abs_ip_reads_the_dense_gradient_and_matches_the_explicit_search()
         assert torch.all(ref[got] >= kth * (1 - 1e-4)), name
         assert len(set(got.tolist()) & set(want.tolist())) >= n - 1, name
     assert grow.stats["recall_hits"] == grow.stats["recall_n"] == 2 * 20
+
+
+@pytest.mark.parametrize("name,kw", [("rigl", {}), ("faiss_grow", {"metric": "abs_ip", "search": "faiss"})],
+                         ids=["rigl", "faiss"])
+def test_tensor_code_path_used_on_cuda_gives_the_same_masks_on_cpu(name, kw, monkeypatch):
+    # On CUDA host_view returns the tensors themselves and the update indexes them with torch; on CPU it
+    # returns numpy views. Forcing the tensor path on CPU must give exactly the same topology here (SET is
+    # left out: weights grown on always-zero inputs stay exactly 0, and the two paths break such |w| ties
+    # differently, both exactly).
+    import sparsebench.dst as dst
+
+    def train(force_tensors):
+        if force_tensors:
+            monkeypatch.setattr(dst, "host_view", lambda t: t)
+        model, masking, counts = sparse_mlp(seed=3)
+        upd = DSTUpdater(masking, make_grow(name, **kw), d0=0.2, schedule="cosine", delta_t=2, t_end=1.0,
+                         allow_regrow=(name == "rigl"))
+        cfg = TrainerConfig(lr=0.05, batch_size=64, iterations=10, device="cpu")
+        Trainer(cfg, model, digits_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd]).fit()
+        assert masking.counts() == {n: (counts[n], w.numel()) for n, w, _ in masking.items()}
+        monkeypatch.undo()
+        return masking.masks(), upd.changed
+
+    (numpy_masks, c1), (tensor_masks, c2) = train(False), train(True)
+    assert c1 == c2 > 0
+    for n in numpy_masks:
+        assert torch.equal(numpy_masks[n], tensor_masks[n]), n
+
+
+def test_topk_indices_exclude_on_numpy_and_torch_paths():
+    from sparsebench.dst import topk_indices
+
+    gen = torch.Generator().manual_seed(5)
+    for N, n in [(50_000, 700), (3000, 40)]:
+        s = torch.rand(N, generator=gen)
+        ex = (torch.rand(N, generator=gen) < 0.3).float()
+        want = set(torch.topk(s.masked_fill(ex.bool(), -1.0), n).indices.tolist())
+        got_np = topk_indices(s, n, exclude=ex)  # float32 on CPU: numpy path
+        got_np2 = topk_indices(s.numpy(), n, exclude=ex.numpy(), hint={})
+        got_t = topk_indices(s.double().to(torch.bfloat16).float(), n, exclude=ex)  # ties possible: check scores
+        got_bf = topk_indices(s.to(torch.bfloat16), n, exclude=ex.to(torch.bfloat16))  # no numpy dtype: torch path
+        assert set(got_np.tolist()) == want == set(got_np2.tolist())
+        for g in (got_t, got_bf):
+            assert g.numel() == n and g.unique().numel() == n and torch.all(ex[g] == 0)
+        kth = s.to(torch.bfloat16)[list(want)].min()
+        assert torch.all(s.to(torch.bfloat16)[got_bf] >= kth)
+        with pytest.raises(ValueError, match="not excluded"):
+            topk_indices(s, N, exclude=ex)
