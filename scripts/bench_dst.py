@@ -1,24 +1,32 @@
 #!/usr/bin/env python
 """Cost of dynamic-sparse topology updates relative to fixed-mask sparse training, ratios in one run.
 
-``python scripts/bench_dst.py [--steps-mlp 400] [--steps-wrn 100] [--reps 5] [--out results/bench/dst.txt]``
+``python scripts/bench_dst.py [--steps-mlp 400] [--steps-wrn 100] [--reps 7] [--out results/bench/dst.txt]``
 
 For each model (LeNet-300-100 on MNIST, batch 128; WideResNet-10-1 on 32x32-padded MNIST, batch 32;
 80% sparse, uniform random masks, every conv/linear layer updated) it trains the same number of SGD
 steps with
 
-* a fixed mask (the reference),
+* a fixed mask (the reference) and the same again (its ratio is the measurement's noise floor),
 * RigL, faiss_grow (abs inner product, faiss IndexFlatIP, k_similar 0.15) and faiss_grow with exact
   brute-force torch search, each at ΔT=100 (drop fraction 0.3) and ΔT=1 (K = 0.05 as the thesis), constant,
 
 interleaving the configurations over ``--reps`` repetitions (in a rotating order), and reports
-``ratio``: the median over repetitions of the configuration's process CPU time divided by the
-fixed mask's in the same repetition (single-threaded, so it is the compute cost; pairing within a
-repetition cancels slow drifts of a shared VM, whose identical runs still differ by 10-20%), the
-ratio of median wall times, the update's share of the wall time (``DSTUpdater.update_seconds``,
+``ratio``: every step's process CPU time (single-threaded, so it is the compute cost) is taken
+as its minimum over the repetitions (the same batches each time; interference from a shared VM,
+whose identical 1-second runs differ by up to 30%, only ever adds time, while an update step is
+slow in every repetition, so its cost stays in), summed over the steps, divided by the same sum
+for the fixed mask (``ms/step`` is that sum per step); ``paired``: the median over repetitions of
+the whole run's CPU time divided by the fixed mask's in the same repetition; the ratio of median
+wall times, the update's share of the wall time (``DSTUpdater.update_seconds``,
 timed around the update itself, so precise) and the ratio that share implies, ``1 / (1 - share)``
 (it leaves out the update's indirect cost, e.g. caches the next step finds cold). Targets of
-issue 4: ΔT=100 at most 1.05x, ΔT=1 at most 1.5x, judged on ``ratio``.
+issue 4: ΔT=100 at most 1.05x, ΔT=1 at most 1.5x, judged on both ``ratio`` and ``1/(1-share)``.
+On the shared 2-core VM this was written on, configurations that run the very same steps (the
+fixed mask and RigL at ΔT=100 before its first update) still differ by up to 10% in ``ratio``:
+a whole-run ratio cannot resolve a 5% target there, while the update share is timed around
+the update itself; at ΔT=100 (a handful of updates) it is the cost, at ΔT=1 the indirect cost
+matters and ``ratio`` is the figure to trust.
 CPU, ``torch.set_num_threads(1)`` and one faiss thread (the machine is shared). Recall logging is off
 (it is a diagnostic, excluded from update time anyway). Uses real MNIST from $SPARSEBENCH_DATA; falls
 back to random data of MNIST's shape when it is absent (then says so).
@@ -47,6 +55,7 @@ from sparsebench.train import Trainer  # noqa: E402
 # (label, grow criterion, its kwargs, ΔT); drop fraction 0.3 at ΔT=100 (RigL), 0.05 at ΔT=1 (the thesis' K)
 CONFIGS = [
     ("fixed mask", None, {}, None),
+    ("fixed mask again (noise)", None, {}, None),  # the same runs once more: the measurement's noise floor
     ("rigl dT=100", "rigl", {}, 100),
     ("faiss_grow faiss dT=100", "faiss_grow", {"search": "faiss"}, 100),
     ("faiss_grow brute dT=100", "faiss_grow", {"search": "brute"}, 100),
@@ -94,12 +103,16 @@ def run_once(make_model, data, batch, steps, grow, kw, delta_t, device):
     x_all, y_all = tr.data.train.x, tr.data.train.y
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # per-step cost
+    per_step = []
     t, c = time.perf_counter(), time.process_time()
     for idx in batches:
+        s0 = clock()
         tr.train_step(x_all[idx], y_all[idx])
-    sync()
+        sync()
+        per_step.append(clock() - s0)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    return wall, cpu, (upd.update_seconds if upd else 0.0), (upd.updates if upd else 0)
+    return wall, cpu, (upd.update_seconds if upd else 0.0), (upd.updates if upd else 0), per_step
 
 
 def bench(name, make_model, data, batch, steps, reps, lines, device):
@@ -107,14 +120,17 @@ def bench(name, make_model, data, batch, steps, reps, lines, device):
     walls = {c[0]: [] for c in CONFIGS}
     upd_s = {c[0]: [] for c in CONFIGS}
     paired = {c[0]: [] for c in CONFIGS}
+    steps_t = {c[0]: [] for c in CONFIGS}
     nupd = {}
+    run_once(make_model, data, batch, min(steps, 20), None, {}, None, device)  # warm-up (allocator, kernels)
     for r in range(reps):
         # rotate the order every repetition so no configuration always runs right after the same one
         order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
         got = {}
         for label, grow, kw, dt in order:
-            wall, cpu, us, nu = run_once(make_model, data, batch, steps, grow, kw, dt, device)
+            wall, cpu, us, nu, per_step = run_once(make_model, data, batch, steps, grow, kw, dt, device)
             got[label] = cpu
+            steps_t[label].append(per_step)
             walls[label].append(wall)
             cpus[label].append(cpu)
             upd_s[label].append(us / wall)
@@ -123,26 +139,30 @@ def bench(name, make_model, data, batch, steps, reps, lines, device):
         for label in got:
             paired[label].append(got[label] / got["fixed mask"])
     med = statistics.median
+    # per step, the minimum over repetitions (interference only ever adds time; the update steps are
+    # slow in every repetition, so their cost stays in), summed over the steps
+    min_sum = {label: sum(min(col) for col in zip(*steps_t[label])) for label in steps_t}
     spread = (max(cpus["fixed mask"]) / min(cpus["fixed mask"]) - 1) if reps > 1 else 0.0
     lines.append(f"\n{name}: {steps} steps, batch {batch}, {reps} repetitions, configurations interleaved in a rotating "
                  f"order (fixed-mask CPU time varies by {100 * spread:.0f}% across repetitions)")
-    lines.append(f"{'configuration':28s} {'cpu s':>7s} {'ms/step':>8s} {'ratio':>7s} {'wall ratio':>10s} {'updates':>8s} "
-                 f"{'update share':>13s} {'1/(1-share)':>12s}  target (on the ratio)")
+    lines.append(f"{'configuration':28s} {'cpu s':>7s} {'ms/step':>8s} {'ratio':>7s} {'paired':>7s} {'wall ratio':>10s} "
+                 f"{'updates':>8s} {'update share':>13s} {'1/(1-share)':>12s}  target")
     for label, grow, kw, dt in CONFIGS:
-        ratio = med(paired[label])
+        ratio = min_sum[label] / min_sum["fixed mask"]
         wall_ratio = med(walls[label]) / med(walls["fixed mask"])
         share = med(upd_s[label])
-        target = "" if dt is None else (f"<= 1.05x {'met' if ratio <= 1.05 else 'MISSED'}" if dt == 100 else
-                                        f"<= 1.5x {'met' if ratio <= 1.5 else 'MISSED'}")
-        lines.append(f"{label:28s} {med(cpus[label]):7.2f} {1000 * med(cpus[label]) / steps:8.2f} {ratio:7.3f} "
-                     f"{wall_ratio:10.3f} {nupd[label]:8d} {100 * share:12.1f}% {1 / (1 - share):12.3f}  {target}")
+        goal = {100: 1.05, 1: 1.5}.get(dt)
+        target = "" if goal is None else (f"<= {goal:g}x: ratio {'met' if ratio <= goal else 'MISSED'}, "
+                                          f"1/(1-share) {'met' if 1 / (1 - share) <= goal else 'MISSED'}")
+        lines.append(f"{label:28s} {med(cpus[label]):7.2f} {1000 * min_sum[label] / steps:8.2f} {ratio:7.3f} "
+                     f"{med(paired[label]):7.3f} {wall_ratio:10.3f} {nupd[label]:8d} {100 * share:12.1f}% {1 / (1 - share):12.3f}  {target}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps-mlp", type=int, default=400)
     ap.add_argument("--steps-wrn", type=int, default=100)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (faiss stays on the CPU: vectors are copied)")
     ap.add_argument("--batch-mlp", type=int, default=128)

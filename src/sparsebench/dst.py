@@ -438,47 +438,62 @@ class SearchResult:
     random_fill: int = 0
 
 
+def _best_distinct_np(f: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` best distinct positions of candidates ``f`` with scores ``s`` (a pair may repeat)."""
+    order = np.argsort(-s, kind="stable")
+    fs = f[order]
+    _, first = np.unique(fs, return_index=True)
+    return fs[np.sort(first)[:n]]
+
+
 def _merge_topn(flat, sim, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
     """Figure 3.1's merge: drop invalid and non-growable candidates, de-duplicate (keep the best score
     of a pair found by both ``q`` and ``-q``), return the ``n`` best flat positions (or fewer; a set,
     in no particular order).
 
     ``flat`` (long, -1 = no result) and ``sim`` are numpy arrays (faiss' output) or tensors.
-    Works on the candidates only: the exact top-``n`` candidates (:func:`topk_indices`); only if they
-    hold duplicate pairs (a pair found by both ``q`` and ``-q``, i.e. ties at 0 or ``k`` above half
-    the group) a top-``2n`` pre-selection is de-duplicated, widened to all candidates if duplicates
-    still leave fewer than ``n``.
+    CPU: the top ``2n`` candidates by score are checked against the mask and de-duplicated, widened
+    (x4, up to all candidates) until ``n`` distinct growable ones are found: only a few thousand of the
+    ``2 * n_in * k`` candidates are ever looked up. Otherwise (CUDA): all candidates are filtered by
+    the mask, the exact top-``n`` taken (:func:`topk_indices`) and, only if they hold duplicate pairs,
+    de-duplicated from a top-``2n`` pre-selection, widened to all candidates if needed.
     """
     M = host_view(mask_flat)
     if isinstance(flat, np.ndarray) and isinstance(M, np.ndarray):  # CPU: numpy (no per-call dispatch)
-        ok = flat >= 0
-        flat, sim = flat[ok], sim[ok]
-        ok = M[flat] == 0
-        flat, sim = flat[ok], sim[ok]
-        m = min(flat.size, n)
-        if m == 0:
-            return torch.from_numpy(flat)
-        f = flat[topk_indices(sim, m)]
-        if np.unique(f).size == m:
-            return torch.from_numpy(f)
-        flat, sim = torch.from_numpy(flat), torch.from_numpy(sim)
-    else:
-        dev = mask_flat.device
-        flat, sim = torch.as_tensor(flat, device=dev), torch.as_tensor(sim, device=dev)
-        ok = flat >= 0
-        flat, sim = flat[ok], sim[ok]
-        ok = mask_flat.index_select(0, flat) == 0
-        flat, sim = flat[ok], sim[ok]
-        if flat.numel() == 0:
-            return flat
-        m = min(flat.numel(), n)
-        f = flat.index_select(0, topk_indices(sim, m))
-        if torch.unique(f).numel() == m:
-            return f
+        if flat.size and flat.min() < 0:
+            ok = flat >= 0
+            flat, sim = flat[ok], sim[ok]
+        size = flat.size
+        m = min(size, 2 * n + 16)
+        while True:
+            if m == 0:
+                return torch.from_numpy(flat[:0])
+            top = topk_indices(sim, m) if m < size else np.arange(size)
+            f, s = flat[top], sim[top]
+            ok = M[f] == 0
+            f, s = f[ok], s[ok]
+            if f.size > n:  # the rule: no pair twice among the n best, so no de-duplication needed
+                sel = f[np.argpartition(s, f.size - n)[f.size - n:]]
+                if np.unique(sel).size == n:
+                    return torch.from_numpy(sel)
+            best = _best_distinct_np(f, s, n)
+            if best.size >= n or m == size:
+                return torch.from_numpy(best)
+            m = min(size, 4 * m)
+    dev = mask_flat.device
+    flat, sim = torch.as_tensor(flat, device=dev), torch.as_tensor(sim, device=dev)
+    ok = flat >= 0
+    flat, sim = flat[ok], sim[ok]
+    ok = mask_flat.index_select(0, flat) == 0
+    flat, sim = flat[ok], sim[ok]
+    if flat.numel() == 0:
+        return flat
+    m = min(flat.numel(), n)
+    f = flat.index_select(0, topk_indices(sim, m))
+    if torch.unique(f).numel() == m:
+        return f
     m = min(flat.numel(), 2 * n + 16)
     while True:
-        if m == 0:
-            return flat[:0]
         top = torch.topk(sim, m, sorted=True).indices  # best first
         f = flat[top]
         uniq, inv = torch.unique(f, return_inverse=True)
@@ -545,14 +560,25 @@ class FaissSearch(Search):
     def find(self, key, G, U, mask_flat, blocked, n):
         n_out, n_in = G.shape[1], U.shape[1]
         db = np.ascontiguousarray(G.t().detach().cpu().float().numpy())
-        q = np.ascontiguousarray(U.t().detach().cpu().float().numpy())
+        ut = U.t().detach().cpu().float().numpy()  # (n_in, R) view
         index = self._index(key, db)
         k = min(n_out, max(1, int(math.ceil(self.k_similar * n_out))))
         signs = self.metric.signs
-        queries = q if signs == (1,) else np.concatenate([q if s > 0 else -q for s in signs])  # one call for q and -q
+        queries = np.empty((len(signs) * n_in, ut.shape[1]), dtype=np.float32)  # q and -q: one search call
+        for i, sign in enumerate(signs):
+            part = queries[i * n_in:(i + 1) * n_in]
+            if sign > 0:
+                np.copyto(part, ut)
+            else:
+                np.negative(ut, out=part)
         D, I = index.search(queries, k)
-        rows = np.tile(np.arange(n_in, dtype=np.int64), len(signs))[:, None]
-        flat = np.where(I >= 0, I * n_in + rows, -1).reshape(-1)
+        invalid = I < 0  # faiss pads with -1 only when it finds fewer than k results
+        flat = I.reshape(len(signs), n_in, k)
+        flat *= n_in
+        flat += np.arange(n_in, dtype=np.int64)[None, :, None]
+        flat = flat.reshape(-1)
+        if invalid.any():
+            flat[invalid.reshape(-1)] = -1
         sim = np.ascontiguousarray(self.metric.from_faiss(D), dtype=np.float32).reshape(-1)
         if self.rerank:  # exact |<g_j, u_i>| of the candidates, read from one (n_out, n_in) matmul
             flat = torch.from_numpy(flat[flat >= 0]).to(mask_flat.device)
