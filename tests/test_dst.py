@@ -448,3 +448,39 @@ def test_topk_indices_exclude_on_numpy_and_torch_paths():
         assert torch.all(s.to(torch.bfloat16)[got_bf] >= kth)
         with pytest.raises(ValueError, match="not excluded"):
             topk_indices(s, N, exclude=ex)
+
+
+class _Crash(Callback):
+    """Simulates a killed process: raises at step ``at`` (after an epoch checkpoint was written)."""
+
+    def __init__(self, at=None):
+        self.at = at
+
+    def on_step_end(self, trainer):
+        if self.at is not None and trainer.step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+@pytest.mark.parametrize("name,kw", [("rigl", {}), ("set", {}), ("faiss_grow", {"metric": "abs_ip", "search": "faiss"})],
+                         ids=["rigl", "set", "faiss"])
+def test_dst_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(name, kw, tmp_path):
+    # Before the updater kept a state, a resumed run silently stopped updating the topology.
+    def run(ckpt, crash_at=None):
+        model, masking, counts = sparse_mlp(seed=4)
+        upd = DSTUpdater(masking, make_grow(name, **kw), d0=0.3, schedule="cosine", delta_t=3, t_end=0.9)
+        cfg = TrainerConfig(lr=0.05, batch_size=64, epochs=3, device="cpu", checkpoint_every=1)
+        tr = Trainer(cfg, model, digits_bundle(), torch.device("cpu"), masking=masking,
+                     callbacks=[upd, _Crash(crash_at)], seed=0, checkpoint=str(ckpt))
+        final = tr.fit()
+        return final, upd, masking, model
+
+    ref_final, ref_upd, ref_masking, ref_model = run(tmp_path / "ref.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", crash_at=30)  # epoch 2 of 3 (22 steps per epoch)
+    final, upd, masking, model = run(tmp_path / "cut.pt")
+    assert upd.updates == ref_upd.updates == 19 and upd.changed == ref_upd.changed
+    for n in masking.names:
+        assert torch.equal(masking.mask(n), ref_masking.mask(n)), n
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert final["test_acc"] == ref_final["test_acc"]

@@ -60,6 +60,7 @@ per output neuron and the long-tailed straight-through estimator :class:`StepLTE
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import time
@@ -152,17 +153,19 @@ def random_growable(mask_flat: torch.Tensor, n: int, generator: torch.Generator,
     return cand[perm[:n]]
 
 
-_SAMPLE_GEN = torch.Generator().manual_seed(20200701)
 _SAMPLES: Dict[Tuple[int, int, str], torch.Tensor] = {}
 
 
 def _sample_positions(N: int, size: int, device: torch.device) -> torch.Tensor:
     """A fixed random sample (with replacement) of ``size`` positions in ``[0, N)``, drawn once per
-    ``(N, size, device)``: the scores change between calls, so a fixed sample stays a random one."""
+    ``(N, size, device)`` from a generator seeded by ``(N, size)`` alone (the same sample in every
+    process, whatever was drawn before: a resumed run selects exactly like an uninterrupted one):
+    the scores change between calls, so a fixed sample stays a random one."""
     key = (N, size, str(device))
     idx = _SAMPLES.get(key)
     if idx is None:
-        idx = _SAMPLES[key] = torch.randint(0, N, (size,), generator=_SAMPLE_GEN).to(device)
+        gen = torch.Generator().manual_seed(20200701 + 1_000_003 * N + size)
+        idx = _SAMPLES[key] = torch.randint(0, N, (size,), generator=gen).to(device)
     return idx
 
 
@@ -622,6 +625,16 @@ class GrowStrategy:
     def release(self) -> None:
         """Free per-update buffers."""
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to choose exactly as an uninterrupted one: the generator state
+        (random growth and fills) and, where kept, the selection thresholds (``hints``)."""
+        return {"generator": self.generator.get_state(), "hints": copy.deepcopy(getattr(self, "_hints", {}))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        if hasattr(self, "_hints"):
+            self._hints = copy.deepcopy(state.get("hints", {}))
+
 
 @GROWTH.register("set")
 class RandomGrow(GrowStrategy):
@@ -707,6 +720,17 @@ class SimilarityGrow(GrowStrategy):
     def prepare(self, updater, names):
         if self._exact is not None:
             self._exact.prepare(updater, names)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._exact is not None:
+            state["exact"] = self._exact.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self._exact is not None and "exact" in state:
+            self._exact.load_state_dict(state["exact"])
 
     def grow(self, layer, updater):
         if self._exact is not None:
@@ -860,6 +884,32 @@ class DSTUpdater(Callback):
                                   f"tensors ({n} is not); turn channels_last off for method=dst methods")
         self.active_idx = {n: self.masking.mask(n).reshape(-1).nonzero().squeeze(1) for n in self.names}
         self._arm(trainer.step)
+
+    def on_resume(self, trainer) -> None:
+        """After a checkpoint was loaded (:meth:`load_state_dict`): arm the capture for the next step."""
+        self._arm(trainer.step)
+
+    def state_dict(self) -> dict:
+        """The topology bookkeeping a resumed run continues from (masks and weights are in the model's
+        state): ``t_end``, each layer's active positions in their slot order, the drop thresholds,
+        the grow strategy's state and the counters."""
+        return {"t_end": self.t_end, "active_idx": {n: a.cpu().clone() for n, a in self.active_idx.items()},
+                "drop_hints": copy.deepcopy(self._drop_hints), "grow": self.grow_strategy.state_dict(),
+                "counters": {"updates": self.updates, "changed": self.changed, "update_seconds": self.update_seconds,
+                             "random_fill": self.random_fill, "recall_hits": self._recall_hits,
+                             "recall_n": self._recall_n}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.t_end = int(state["t_end"])
+        self.schedule = DROP_SCHEDULES.get(self.schedule_name)(self.d0, self.t_end)
+        self.active_idx = {n: a.to(self.masking.mask(n).device) for n, a in state["active_idx"].items()}
+        self._drop_hints = copy.deepcopy(state["drop_hints"])
+        self.grow_strategy.load_state_dict(state["grow"])
+        c = state["counters"]
+        self.updates, self.changed, self.update_seconds = int(c["updates"]), int(c["changed"]), float(c["update_seconds"])
+        self.random_fill, self._recall_hits, self._recall_n = int(c["random_fill"]), c["recall_hits"], c["recall_n"]
 
     def _arm(self, step: int) -> None:
         if self.capture is not None and self.is_update_step(step):
@@ -1020,6 +1070,12 @@ class ThresholdMaskCallback(Callback):
         self.masking, self.masks, self.alpha = masking, masks, float(alpha)
         self.reset_above, self.check_every, self.metrics = float(reset_above), int(check_every), metrics
         self.resets = 0
+
+    def state_dict(self) -> dict:
+        return {"resets": self.resets}  # the thresholds themselves are model parameters
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resets = int(state.get("resets", 0))
 
     def on_after_backward(self, trainer) -> None:
         if self.alpha > 0:

@@ -68,6 +68,10 @@ class Callback:
 
     def on_epoch_end(self, trainer: "Trainer") -> None: ...
 
+    def on_resume(self, trainer: "Trainer") -> None:
+        """Called instead of ``on_train_start`` when training continues from a checkpoint (after
+        :meth:`load_state_dict`)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -290,7 +294,9 @@ class Trainer:
 
             sync_from_rank0(self.masking, self.optimizer)  # masks set before training are identical anyway
         for cb in self.callbacks:
-            if not resumed:
+            if resumed:
+                cb.on_resume(self)
+            else:
                 cb.on_train_start(self)
         train = self.data.train
         n, bs = len(train), self.cfg.batch_size
