@@ -162,8 +162,8 @@ def test_brute_force_and_faiss_flat_return_the_same_set(metric):
     mask[torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(1))[:120]] = 1
     blocked = mask.nonzero().squeeze(1)
     n = 50
-    exact = BruteForceSearch(metric).find("l", G, U, mask, blocked.clone(), n)
-    flat = FaissSearch(metric, k_similar=1.0).find("l", G, U, mask, blocked.clone(), n)
+    exact = BruteForceSearch(metric).find("l", G, U, mask, n)
+    flat = FaissSearch(metric, k_similar=1.0).find("l", G, U, mask, n)
     assert set(exact.tolist()) == set(flat.tolist())
     assert not set(exact.tolist()) & set(blocked.tolist())
     # the brute-force set is the true top-n of the metric among growable pairs
@@ -177,9 +177,8 @@ def test_per_query_search_with_small_k_similar_can_miss_global_topk():
     G, U = _fixed_vectors(seed=3, R=16, n_out=20, n_in=30)
     U[:, 0] = 10 * G.sum(1)
     mask = torch.zeros(600)
-    blocked = torch.empty(0, dtype=torch.long)
-    exact = set(BruteForceSearch(AbsInnerProduct()).find("l", G, U, mask, blocked, 30).tolist())
-    approx = set(FaissSearch(AbsInnerProduct(), k_similar=0.1).find("l", G, U, mask, blocked, 30).tolist())
+    exact = set(BruteForceSearch(AbsInnerProduct()).find("l", G, U, mask, 30).tolist())
+    approx = set(FaissSearch(AbsInnerProduct(), k_similar=0.1).find("l", G, U, mask, 30).tolist())
     assert len(approx) == 30 and len(exact & approx) < 30
 
 
@@ -187,9 +186,8 @@ def test_lsh_path_runs_and_reports_recall():
     G, U = _fixed_vectors(seed=2, R=64, n_out=40, n_in=50)
     mask = torch.zeros(2000)
     mask[::7] = 1
-    blocked = mask.nonzero().squeeze(1)
     for bits in (0.5, 2.0):
-        got = FaissSearch(LSHSimilarity(bits), k_similar=0.2).find("l", G, U, mask, blocked, 40)
+        got = FaissSearch(LSHSimilarity(bits), k_similar=0.2).find("l", G, U, mask, 40)
         assert got.numel() == 40 and got.unique().numel() == 40
         assert torch.all(mask[got] == 0)
     # through the grow strategy: recall is logged and lies in [0, 1]
@@ -387,12 +385,11 @@ def test_brute_abs_ip_reads_the_dense_gradient_and_matches_the_explicit_search()
 
     for name in masking.names:
         m_flat = masking.mask(name).reshape(-1)
-        blocked = m_flat.nonzero().squeeze(1)
         n = 20
-        layer = LayerUpdate(name, masking.module(name), masking.weight(name), m_flat, blocked, n)
+        layer = LayerUpdate(name, masking.module(name), masking.weight(name), m_flat, n)
         got = grow.grow(layer, u)
         U, G = layer_vectors(masking.module(name), inputs[name], gouts[name])
-        want = BruteForceSearch(AbsInnerProduct()).find(name, G, U, m_flat, blocked.clone(), n)
+        want = BruteForceSearch(AbsInnerProduct()).find(name, G, U, m_flat, n)
         assert got.numel() == n and got.unique().numel() == n and torch.all(m_flat[got] == 0)
         ref = (G.t() @ U).abs().reshape(-1)
         kth = torch.sort(ref[want]).values[0]

@@ -513,9 +513,9 @@ class Search:
     def __init__(self, metric: SimilarityMetric, k_similar: float = 0.15, rerank: bool = False):
         self.metric, self.k_similar, self.rerank = metric, float(k_similar), bool(rerank)
 
-    def find(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, blocked: torch.Tensor,
-             n: int) -> torch.Tensor:
-        """Flat positions (``j * n_in + i``) of up to ``n`` growable pairs (a set, in no particular order)."""
+    def find(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
+        """Flat positions (``j * n_in + i``) of up to ``n`` growable (``mask_flat == 0``) pairs (a set, in
+        no particular order)."""
         raise NotImplementedError
 
 
@@ -523,12 +523,11 @@ class Search:
 class BruteForceSearch(Search):
     """Exact: the full ``(n_out, n_in)`` similarity matrix in torch, global top-n (Figure 3.1, right)."""
 
-    def find(self, key, G, U, mask_flat, blocked, n):
+    def find(self, key, G, U, mask_flat, n):
         if isinstance(self.metric, LSHSimilarity):
             raise ConfigError("method.search=brute: metric=lsh is an approximate faiss index; use search=faiss "
                               "(or metric=abs_ip for the exact search)")
-        s = self.metric.exact(G, U).reshape(-1)
-        s.index_fill_(0, blocked, _NEG_INF)
+        s = self.metric.exact(G, U).reshape(-1).masked_fill_(mask_flat != 0, _NEG_INF)
         return topk_indices(s, n)
 
 
@@ -560,7 +559,7 @@ class FaissSearch(Search):
         idx.add(db)
         return idx
 
-    def find(self, key, G, U, mask_flat, blocked, n):
+    def find(self, key, G, U, mask_flat, n):
         n_out, n_in = G.shape[1], U.shape[1]
         db = np.ascontiguousarray(G.t().detach().cpu().float().numpy())
         ut = U.t().detach().cpu().float().numpy()  # (n_in, R) view
@@ -592,14 +591,13 @@ class FaissSearch(Search):
 # =========================================================================== grow strategies
 @dataclass
 class LayerUpdate:
-    """What a grow strategy sees for one layer: ``mask_flat == 0`` marks growable positions,
-    ``blocked`` lists the positions that may not grow (long), ``n`` is how many to grow."""
+    """What a grow strategy sees for one layer: ``mask_flat == 0`` marks the growable positions (with
+    ``allow_regrow`` the ones dropped in this update are already 0), ``n`` is how many to grow."""
 
     name: str
     module: nn.Module
     weight: nn.Parameter
     mask_flat: torch.Tensor
-    blocked: torch.Tensor
     n: int
 
 
@@ -614,6 +612,7 @@ class GrowStrategy:
     def __init__(self, generator: torch.Generator):
         self.generator = generator
         self.stats: Dict[str, float] = {}
+        self._hints: Dict[str, Dict[str, float]] = {}  # topk_indices thresholds per layer, if the strategy keeps any
 
     def prepare(self, updater: "DSTUpdater", names: Sequence[str]) -> None:
         """Called in ``on_after_backward`` of an update step (dense gradients are available)."""
@@ -628,12 +627,11 @@ class GrowStrategy:
     def state_dict(self) -> dict:
         """What a resumed run needs to choose exactly as an uninterrupted one: the generator state
         (random growth and fills) and, where kept, the selection thresholds (``hints``)."""
-        return {"generator": self.generator.get_state(), "hints": copy.deepcopy(getattr(self, "_hints", {}))}
+        return {"generator": self.generator.get_state(), "hints": copy.deepcopy(self._hints)}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        if hasattr(self, "_hints"):
-            self._hints = copy.deepcopy(state.get("hints", {}))
+        self._hints = copy.deepcopy(state.get("hints", {}))
 
 
 @GROWTH.register("set")
@@ -658,7 +656,6 @@ class GradientGrow(GrowStrategy):
     def __init__(self, generator):
         super().__init__(generator)
         self._scores: Dict[str, torch.Tensor] = {}
-        self._hints: Dict[str, Dict[str, float]] = {}
 
     def prepare(self, updater, names):
         for name in names:
@@ -753,7 +750,7 @@ class SimilarityGrow(GrowStrategy):
             if self.max_rows is not None and U.shape[0] > self.max_rows:
                 rows = torch.randperm(U.shape[0], generator=self.generator)[:self.max_rows].to(U.device)
                 Us, Gs = U[rows], G[rows]
-            chosen = self.search.find(layer.name, Gs, Us, layer.mask_flat, layer.blocked, layer.n)
+            chosen = self.search.find(layer.name, Gs, Us, layer.mask_flat, layer.n)
             short = layer.n - chosen.numel()
             if short > 0:
                 fill = random_growable(layer.mask_flat, short, self.generator, exclude=chosen)
@@ -761,8 +758,7 @@ class SimilarityGrow(GrowStrategy):
                 self.stats["random_fill"] = self.stats.get("random_fill", 0) + short
             if self.log_recall:
                 t = time.perf_counter()
-                ref = self.metric.reference(G, U).reshape(-1)
-                ref[layer.blocked] = _NEG_INF
+                ref = self.metric.reference(G, U).reshape(-1).masked_fill_(layer.mask_flat != 0, _NEG_INF)
                 kth = torch.topk(ref, layer.n, sorted=False).values.min()
                 hit = int((ref[chosen] >= kth).sum())
                 self.stats["recall_hits"] = self.stats.get("recall_hits", 0) + hit
@@ -954,12 +950,7 @@ class DSTUpdater(Callback):
             dropped = A[drop_slots]
             if self.allow_regrow:
                 M[dropped] = 0
-                keep = torch.ones(n_active, dtype=torch.bool, device=active.device)
-                keep[torch.as_tensor(drop_slots, device=active.device)] = False
-                blocked = active[keep]
-            else:
-                blocked = active
-            layer = LayerUpdate(name, self.masking.module(name), w, m_flat, blocked, n)
+            layer = LayerUpdate(name, self.masking.module(name), w, m_flat, n)
             grown = self.grow_strategy.grow(layer, self)
             if isinstance(A, np.ndarray):
                 grown = host_view(grown)
