@@ -50,6 +50,18 @@ def auto_blocksize(shape: Tuple[int, int]) -> Tuple[int, int]:
     return b, b
 
 
+def check_blocksize(blocksize) -> Tuple[int, int]:
+    """``blocksize`` as ``(b, b)``; :class:`ConfigError` unless it is two equal positive ints (MKL on CPU
+    and cuSPARSE on CUDA run BSR products on square blocks only)."""
+    ok = isinstance(blocksize, (tuple, list)) and len(blocksize) == 2
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in blocksize):
+        raise ConfigError(f"blocksize={blocksize!r}: must be two equal positive ints (b, b) or None")
+    if blocksize[0] != blocksize[1]:
+        raise ConfigError(f"blocksize={tuple(blocksize)}: must be square (torch's BSR matmul rejects "
+                          f"non-square blocks)")
+    return int(blocksize[0]), int(blocksize[1])
+
+
 def _fits_int32(shape, n_stored: int) -> bool:
     return max(shape) < 2**31 - 1 and n_stored < 2**31 - 1
 
@@ -141,9 +153,7 @@ class SparseLinear(nn.Module):
         b = bias.detach().clone() if bias is not None else torch.zeros(self.out_features, dtype=weight.dtype,
                                                                          device=weight.device)
         if layout == "bsr":
-            bs = auto_blocksize(tuple(w.shape)) if blocksize is None else tuple(int(v) for v in blocksize)
-            if bs[0] != bs[1]:
-                raise ConfigError(f"blocksize={bs}: must be square (torch's BSR matmul rejects non-square blocks)")
+            bs = auto_blocksize(tuple(w.shape)) if blocksize is None else check_blocksize(blocksize)
             if w.shape[0] % bs[0] or w.shape[1] % bs[1]:
                 raise ConfigError(f"blocksize={bs}: does not divide {name} of shape {tuple(w.shape)} "
                                   f"(pass a blocksize dividing (out, in), or blocksize=None to pick one per layer)")
@@ -221,12 +231,7 @@ def export_sparse(model: nn.Module, layout: str = "csr", max_density: float = 0.
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r}: unknown (allowed: {', '.join(LAYOUTS)})")
     if blocksize is not None:
-        ok = isinstance(blocksize, (tuple, list)) and len(blocksize) == 2
-        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in blocksize):
-            raise ConfigError(f"blocksize={blocksize!r}: must be two equal positive ints (b, b) or None")
-        if blocksize[0] != blocksize[1]:  # MKL (CPU) and cuSPARSE (CUDA) BSR products take square blocks only
-            raise ConfigError(f"blocksize={tuple(blocksize)}: must be square (torch's BSR matmul rejects "
-                              f"non-square blocks)")
+        blocksize = check_blocksize(blocksize)
     out = copy.deepcopy(model).eval()
     qualified = {id(m): n for n, m in out.named_modules()}
     for parent in list(out.modules()):
