@@ -480,3 +480,24 @@ def test_dst_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(name, kw
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref_model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert final["test_acc"] == ref_final["test_acc"]
+
+
+def test_fig31_builder_recall_and_quick_figure_stays_out_of_results(tmp_path):
+    # Figure 3.1 builder (calls the searches directly): schema, the toy example's 3 of 4, recall 1 at
+    # k_similar = 1 (every pair returned), and in quick mode the figure goes to a temporary file.
+    from sparsebench.tables import QUICK_PREFIX, RESULTS, TABLE_COLUMNS, figure_path, load_spec
+    from sparsebench.tables.dst import fig31
+
+    spec = load_spec("T001-fig3.1")
+    spec.update(scale=f"{QUICK_PREFIX} (test); full: {spec['scale']}", warmup_steps=10, batches=1,
+                k_similar=[0.1, 1.0])
+    before = (RESULTS / "T001-fig3.1.png").stat().st_mtime_ns if (RESULTS / "T001-fig3.1.png").exists() else None
+    t = fig31(spec, None)
+    assert set(TABLE_COLUMNS) <= set(t.columns)
+    assert float(t[t["layer"] == "toy"]["measured"].iloc[0]) == 0.75
+    full = t[(t["layer"] != "toy") & (t["k_similar"] == 1.0)]
+    assert len(full) == 3 and (full["measured"] == 1.0).all()
+    path = figure_path(spec)
+    assert path.parent != RESULTS and path.is_file()
+    after = (RESULTS / "T001-fig3.1.png").stat().st_mtime_ns if (RESULTS / "T001-fig3.1.png").exists() else None
+    assert after == before

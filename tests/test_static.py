@@ -12,7 +12,7 @@ from sparsebench.masking import Masking
 from sparsebench.methods.static import (PRUNE_STRATEGIES, RandomizedPruneConfig, global_topk_masks,
                                         neuron_accounting, snip_scores)
 from sparsebench.models import MLP
-from sparsebench.tables import TABLE_COLUMNS, get_builder, load_spec, run_spec, write_table
+from sparsebench.tables import QUICK_PREFIX, TABLE_COLUMNS, get_builder, load_spec, run_spec, write_table
 
 DIGITS = ("dataset=digits", "trainer.epochs=1", "trainer.device=cpu", "model.hidden=[64,32]")
 
@@ -128,7 +128,7 @@ def quick_table(table_id, tmp_path, keep_runs=None, runs=None):
     """make_table(ID, quick=True, seeds=[0]) with, optionally, only some of the spec's runs, or (for a
     ``runs_from`` spec) given source runs. Returns (table, runs)."""
     spec = load_spec(table_id)
-    spec["scale"] = "QUICK SMOKE TEST (test); full: " + spec["scale"]
+    spec["scale"] = f"{QUICK_PREFIX} (test); full: {spec['scale']}"
     if runs is None:
         if keep_runs is not None:
             spec["runs"] = [r for i, r in enumerate(spec["runs"]) if keep_runs(i, r)]

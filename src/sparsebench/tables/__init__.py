@@ -23,6 +23,7 @@ hash) and writes ``results/ID.csv`` atomically; cells whose runs failed are list
 from __future__ import annotations
 
 import importlib
+import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -36,8 +37,44 @@ ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = ROOT / "experiments"
 RESULTS = ROOT / "results"
 
+QUICK_PREFIX = "QUICK SMOKE TEST"  # starts spec["scale"] when make_table runs a quick smoke test
+
 TABLE_COLUMNS = ["id", "setting", "metric", "measured", "measured_std", "reported", "dataset_used", "scale",
                  "n_seeds"]
+
+
+def is_quick(spec: dict) -> bool:
+    """True when :func:`make_table` runs the spec as a quick smoke test."""
+    return str(spec.get("scale", "")).startswith(QUICK_PREFIX)
+
+
+def figure_path(spec: dict) -> Path:
+    """``results/<ID>.png``, or a file in the temporary directory for quick smoke tests."""
+    if is_quick(spec):
+        return Path(tempfile.gettempdir()) / f"sparsebench-quick-{spec['id']}.png"
+    return RESULTS / f"{spec['id']}.png"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, spec: dict, **savefig_kw) -> Path:
+    """Write ``fig`` to :func:`figure_path` atomically (a temporary file, then a rename), close it,
+    return the path. ``savefig_kw`` go to ``Figure.savefig`` (e.g. ``dpi``)."""
+    path = figure_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, **savefig_kw)
+    tmp.replace(path)
+    pyplot().close(fig)
+    return path
 
 
 def load_spec(table_id: str) -> dict:
@@ -136,7 +173,7 @@ def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = Non
         spec = full_scale_spec(spec)
         out_dir = out_dir or RESULTS / "full"
     if quick:
-        spec["scale"] = f"QUICK SMOKE TEST (overrides {' '.join(spec.get('quick', []))}); full: {spec['scale']}"
+        spec["scale"] = f"{QUICK_PREFIX} (overrides {' '.join(spec.get('quick', []))}); full: {spec['scale']}"
     runs, failed = run_spec(spec, quick=quick, extra=extra, seeds=seeds)
     if failed:
         print(f"{table_id}: {len(failed)} missing cell(s):")

@@ -17,13 +17,12 @@ Extra columns: ``time_per_epoch_s``, ``update_share`` (topology-update time / tr
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pandas as pd
 
-from . import RESULTS, rows
+from . import RESULTS, pyplot, rows, save_figure
 
 # settings key -> CSV column (``metric`` is taken by the long format, so the similarity is ``similarity``)
 PARAMS = {"K": "K", "k_similar": "k_similar", "bits": "bits", "search": "search", "metric": "similarity",
@@ -177,14 +176,12 @@ def fig31(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
             x, g = store[name]
             U, G = layer_vectors(masking.module(name), x, g)
             m = masking.mask(name).reshape(-1)
-            blocked = m.nonzero().squeeze(1)
-            n = max(1, round(0.05 * blocked.numel()))
-            exact = BruteForceSearch(metric).find(name, G, U, m, blocked.clone(), n)
-            ref = metric.exact(G, U).reshape(-1)
-            ref[blocked] = -float("inf")
+            n = max(1, round(0.05 * int(m.count_nonzero())))
+            exact = BruteForceSearch(metric).find(name, G, U, m, n)
+            ref = metric.exact(G, U).reshape(-1).masked_fill_(m != 0, -float("inf"))
             kth = ref[exact].min()
             for k in k_sims:
-                got = FaissSearch(metric, k_similar=k).find(name, G, U, m, blocked.clone(), n)
+                got = FaissSearch(metric, k_similar=k).find(name, G, U, m, n)
                 recall[(name, k)].append(float((ref[got] >= kth).float().sum()) / n)
     for h in handles:
         h.remove()
@@ -202,7 +199,7 @@ def fig31(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     glob = [(int(f) // S.shape[1], int(f) % S.shape[1]) for f in flat]
     toy_recall = len({(i, j) for i, j, _ in merged} & set(glob)) / 4
 
-    _plot(S, per_row, merged, glob, recall, masking.names, k_sims, RESULTS / "T001-fig3.1.png", used)
+    _plot(S, per_row, merged, glob, recall, masking.names, k_sims, spec, used)
     spec = {**spec, "dataset_used": used}
     out = [rows(spec, "toy 5x6 matrix, per-row top-2 merged, top-4", "recall_vs_global_topk", [toy_recall],
                 "figure only (faiss misses the pair with similarity 33.1)", layer="toy", k_similar=2 / 6,
@@ -214,11 +211,8 @@ def fig31(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _plot(S, per_row, merged, glob, recall, names, k_sims, path: Path, used: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(S, per_row, merged, glob, recall, names, k_sims, spec: dict, used: str) -> None:
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.imshow(S, cmap="Blues")
@@ -245,8 +239,4 @@ def _plot(S, per_row, merged, glob, recall, names, k_sims, path: Path, used: str
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, spec, dpi=120)

@@ -13,13 +13,12 @@ Figures are written next to the CSV as ``results/<ID>.png`` (matplotlib, Agg bac
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List
 
 import numpy as np
 import pandas as pd
 
-from . import RESULTS, rows
+from . import pyplot, rows, save_figure
 
 LPA_METRICS = ["acc_masked", "acc_all", "total_seconds", "pca_seconds", "graph_seconds", "propagation_seconds",
                "iterations", "recall"]
@@ -62,26 +61,12 @@ def lpa_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _out(spec: dict, suffix: str = ".png") -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / f"{spec['id']}{suffix}"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def k_sweep(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T000-k-sweep: :func:`lpa_table` plus ``results/T000-k-sweep.png`` (accuracy and time vs k)."""
     table = lpa_table(spec, runs)
     if runs.empty:
         return table
-    plt = _plt()
+    plt = pyplot()
     g = runs.groupby("k")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for a, col, name in ((ax[0], "acc_masked", "accuracy on masked labels"), (ax[1], None, "seconds")):
@@ -100,8 +85,7 @@ def k_sweep(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     fig.suptitle(f"{spec['id']}: label spreading vs k ({spec['dataset_used']}; mean ± std over "
                  f"{runs.seed.nunique()} mask seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(_out(spec), dpi=120)
-    plt.close(fig)
+    save_figure(fig, spec, dpi=120)
     return table
 
 
@@ -159,7 +143,7 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
         for m in ("accuracy", "build_seconds", "query_seconds", "recall"):
             out.append(rows(spec, setting, m, g[m].tolist(), reported.get(bk, {}).get(m, "figure only"),
                             backend=bk, n_train=int(n), k=k, n_test=len(yte), dataset=name))
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for bk, g in df.groupby("backend"):
         s = g.groupby("n_train")
@@ -176,6 +160,5 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     fig.suptitle(f"{spec['id']}: kNN classifier, exact vs approximate neighbours ({name}, PCA {ncomp}; "
                  f"{len(seeds)} seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(_out(spec), dpi=120)
-    plt.close(fig)
+    save_figure(fig, spec, dpi=120)
     return pd.DataFrame(out)

@@ -11,31 +11,16 @@ spec (run with the same seeds, reused through the run cache), e.g. T002-unit fro
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pandas as pd
 
-from . import RESULTS, load_spec, rows, run_spec
-
-QUICK_PREFIX = "QUICK SMOKE TEST"
+from . import is_quick, load_spec, pyplot, rows, run_spec, save_figure
 
 
 # --------------------------------------------------------------------------- helpers
-def is_quick(spec: dict) -> bool:
-    """True when :func:`sparsebench.tables.make_table` runs the spec as a quick smoke test."""
-    return str(spec.get("scale", "")).startswith(QUICK_PREFIX)
-
-
-def figure_path(spec: dict) -> Path:
-    """``results/<ID>.png``, or a file in the temporary directory for quick smoke tests."""
-    if is_quick(spec):
-        return Path(tempfile.gettempdir()) / f"sparsebench-quick-{spec['id']}.png"
-    return RESULTS / f"{spec['id']}.png"
-
-
 def source_runs(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """The runs to build from, with a ``spec_id`` column naming the spec that ran them: ``runs`` itself
     plus, with ``runs_from``, those of the named spec, run with this spec's seeds (``quick_seeds`` in
@@ -59,27 +44,6 @@ def source_runs(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     if not parts:
         raise RuntimeError(f"{spec['id']}: no runs could be produced")
     return pd.concat(parts, ignore_index=True)
-
-
-def _savefig(fig, spec: dict) -> Path:
-    path = figure_path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _density_ticks(ax) -> None:
@@ -129,7 +93,7 @@ def _t002_curve(spec: dict, runs: pd.DataFrame, criterion: str) -> pd.DataFrame:
 
 
 def _plot_t002(spec: dict, runs: pd.DataFrame, criterion: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for c, g in runs.groupby("criterion"):
         m = g.groupby("k")[["test_loss", "test_acc"]].agg(["mean", "std"])
@@ -143,7 +107,7 @@ def _plot_t002(spec: dict, runs: pd.DataFrame, criterion: str) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend()
     fig.suptitle(f"{spec['id']}: {criterion} pruning after training (fc5, MNIST); mean ± std over seeds")
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 def t002_weight(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
@@ -181,7 +145,7 @@ def t002_magnitudes(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_magnitudes(spec: dict, mags: pd.DataFrame) -> None:
-    plt = _plt()
+    plt = pyplot()
     crits = list(dict.fromkeys(mags["criterion"]))
     layers = list(dict.fromkeys(mags["layer"]))
     fig, axes = plt.subplots(len(crits), len(layers), figsize=(3.2 * len(layers), 2.6 * len(crits)), squeeze=False)
@@ -200,7 +164,7 @@ def _plot_magnitudes(spec: dict, mags: pd.DataFrame) -> None:
                 ax.legend(fontsize=7)
     fig.suptitle(f"{spec['id']}: |w| of pruned vs surviving weights at k={mags['k'].iloc[0]:g} (fc5, MNIST, seed 0)")
     fig.tight_layout()
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- T002 time
@@ -227,7 +191,7 @@ def t002_time(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_time(spec: dict, runs: pd.DataFrame) -> None:
-    plt = _plt()
+    plt = pyplot()
     devs = list(dict.fromkeys(runs["device"]))
     fig, axes = plt.subplots(1, len(devs), figsize=(6 * len(devs), 4), squeeze=False)
     for ax, dev in zip(axes[0], devs):
@@ -244,7 +208,7 @@ def _plot_time(spec: dict, runs: pd.DataFrame) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(f"{spec['id']}: fc5 forward time vs k, sparse export vs dense")
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- T003 random
@@ -307,7 +271,7 @@ def t003_random(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_t003(spec: dict, s: pd.DataFrame) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for setting, g in s.groupby("setting"):
         m = g.groupby("density")["test_acc"].agg(["mean", "std"]).sort_index()
@@ -322,7 +286,7 @@ def _plot_t003(spec: dict, s: pd.DataFrame) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     ax.set_title(f"{spec['id']}: random pruning at init vs IMP (LeNet-300-100, MNIST)")
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- T003 neurons
@@ -363,7 +327,7 @@ def t003_neurons(spec: dict, runs: pd.DataFrame, target: float = 0.13) -> pd.Dat
 
 
 def _plot_neurons(spec: dict, imp: pd.DataFrame, dead_cols: List[str], picked: Dict[str, int]) -> None:
-    plt = _plt()
+    plt = pyplot()
     schedules = list(dict.fromkeys(imp["schedule"]))
     fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 4), squeeze=False, sharey=True)
     for ax, schedule in zip(axes[0], schedules):
@@ -381,7 +345,7 @@ def _plot_neurons(spec: dict, imp: pd.DataFrame, dead_cols: List[str], picked: D
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("% units with no in- or no outgoing connection")
     fig.suptitle(f"{spec['id']}: neurons cut off during IMP (LeNet-300-100, MNIST)")
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- T000 randomized pruning
@@ -425,7 +389,7 @@ def t004_train(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_t004_train(spec: dict, trained: pd.DataFrame) -> None:
-    plt = _plt()
+    plt = pyplot()
     dss = list(dict.fromkeys(trained["dataset"]))
     fig, axes = plt.subplots(2, len(dss), figsize=(4.2 * len(dss), 6), squeeze=False)
     for j, ds in enumerate(dss):
@@ -447,7 +411,7 @@ def _plot_t004_train(spec: dict, trained: pd.DataFrame) -> None:
         axes[1][j].legend(fontsize=7)
     fig.suptitle(f"{spec['id']}: online (batch 1) MSE training, bipolar sigmoid MLP")
     fig.tight_layout()
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
 def t004_prune(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
@@ -472,7 +436,7 @@ def t004_prune(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_t004_prune(spec: dict, runs: pd.DataFrame) -> None:
-    plt = _plt()
+    plt = pyplot()
     dss = list(dict.fromkeys(runs["dataset"]))
     fig, axes = plt.subplots(1, len(dss), figsize=(4.2 * len(dss), 3.6), squeeze=False)
     for ax, ds in zip(axes[0], dss):
@@ -488,4 +452,4 @@ def _plot_t004_prune(spec: dict, runs: pd.DataFrame) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{spec['id']}: iterative unit pruning (Castellano et al. 1997)")
     fig.tight_layout()
-    _savefig(fig, spec)
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
