@@ -43,14 +43,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from sparsebench.budgets import layer_counts, random_masks  # noqa: E402
+from sparsebench.sparsity.distributions import layer_counts, random_masks  # noqa: E402
 from sparsebench.config import DatasetConfig, TrainerConfig  # noqa: E402
 from sparsebench.data import DataBundle, Split, load_dataset  # noqa: E402
 from sparsebench.dst import GROWTH, DSTUpdater  # noqa: E402
-from sparsebench.errors import DataError  # noqa: E402
-from sparsebench.masking import Masking  # noqa: E402
+from sparsebench.core.errors import DataError  # noqa: E402
+from sparsebench.sparsity.masking import Masking  # noqa: E402
 from sparsebench.models import MLP, WideResNet  # noqa: E402
-from sparsebench.train import Trainer  # noqa: E402
+from sparsebench.training.trainer import Trainer  # noqa: E402
 
 # (label, grow criterion, its kwargs, ΔT); drop fraction 0.3 at ΔT=100 (RigL), 0.05 at ΔT=1 (the thesis' K)
 CONFIGS = [
@@ -193,7 +193,7 @@ def main() -> int:
           data32, a.batch_wrn, a.steps_wrn, a.reps, lines, device)
     text = "\n".join(lines) + "\n"
     print(text)
-    from sparsebench.io import atomic_write_text
+    from sparsebench.core.io import atomic_write_text
 
     atomic_write_text(a.out, text)
     print(f"wrote {a.out}")

@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsebench.data import default_data_root  # noqa: E402
-from sparsebench.errors import SparsebenchError  # noqa: E402
-from sparsebench.graph import warmup  # noqa: E402
-from sparsebench.lpa import LPASettings, mask_labels, run_lpa, scale_unit  # noqa: E402
+from sparsebench.core.errors import SparsebenchError  # noqa: E402
+from sparsebench.graph.knn import warmup  # noqa: E402
+from sparsebench.graph.spreading import LPASettings, mask_labels, run_lpa, scale_unit  # noqa: E402
 from sparsebench.methods.lpa import load_pool  # noqa: E402
 
 OURS = [  # (label, backend, solver, extra settings)
@@ -132,7 +132,7 @@ def main() -> int:
         f"{'met' if exact_best <= 12 and exact['acc_masked'] >= 0.96 else 'NOT met'}")
     say(f"# load average after: {os.getloadavg()[0]:.2f}")
     if a.out:
-        from sparsebench.io import atomic_write_text
+        from sparsebench.core.io import atomic_write_text
 
         atomic_write_text(a.out, buf.getvalue())
         print(f"wrote {a.out}")

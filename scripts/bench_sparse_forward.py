@@ -4,8 +4,8 @@
     python scripts/bench_sparse_forward.py [--repeats 50] [--batch 100] [--latency-batch 1]
         [--throughput-batch 1024] [--throughput-repeats 10] [--out results/bench/sparse_forward.txt]
 
-Every layer is magnitude-pruned to 50 / 90 / 95 / 99 % sparsity (layer-wise, :mod:`sparsebench.masking`),
-the masked model is exported with :func:`sparsebench.sparse_export.export_sparse`, and the dense and
+Every layer is magnitude-pruned to 50 / 90 / 95 / 99 % sparsity (layer-wise, :mod:`sparsebench.sparsity.masking`),
+the masked model is exported with :func:`sparsebench.sparsity.export.export_sparse`, and the dense and
 sparse forward passes of the same batch (real MNIST test images when ``$SPARSEBENCH_DATA`` has them,
 else Gaussian inputs) are timed interleaved in one run (min over repeats), for 1 torch thread and for
 the default thread count, on CPU and, when available, CUDA. Outputs are checked against the dense model.
@@ -18,7 +18,7 @@ the default thread count, on CPU and, when available, CUDA. Outputs are checked 
    layers, 4, 4, 2) and ``bsr-blk`` (BSR export of *block* magnitude masks at the same sparsity: whole
    blocks kept by their mean ``|w|``, the pattern BSR is made for); ``x`` = speed-up over dense.
    A storage table and a "where sparse wins" summary follow.
-3. CUDA with compute capability >= 8.0 only: fp16 models pruned 2:4 with :func:`sparsebench.masking.nm_masks`,
+3. CUDA with compute capability >= 8.0 only: fp16 models pruned 2:4 with :func:`sparsebench.sparsity.masking.nm_masks`,
    dense fp16 vs ``semi_structured`` export (Mishra et al. 2021), for fc5 and a wide MLP
    (784-4096-4096-4096-10). Elsewhere one line says why these rows were skipped.
 
@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from sparsebench.errors import ConfigError  # noqa: E402
-from sparsebench.masking import Masking, magnitude_masks, nm_masks, num_to_keep, topk_mask  # noqa: E402
+from sparsebench.core.errors import ConfigError  # noqa: E402
+from sparsebench.sparsity.masking import Masking, magnitude_masks, nm_masks, num_to_keep, topk_mask  # noqa: E402
 from sparsebench.methods.unit import time_forward  # noqa: E402
 from sparsebench.models import MLP  # noqa: E402
-from sparsebench.sparse_export import auto_blocksize, export_sparse, sparse_size_bytes  # noqa: E402
+from sparsebench.sparsity.export import auto_blocksize, export_sparse, sparse_size_bytes  # noqa: E402
 
 SPARSITIES = (0.5, 0.9, 0.95, 0.99)
 TARGETS = {0.95: 2.0, 0.99: 4.0}
@@ -260,7 +260,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if a.out:
-        from sparsebench.io import atomic_write_text
+        from sparsebench.core.io import atomic_write_text
 
         atomic_write_text(a.out, report + "\n")
     return 0 if ok else 1

@@ -25,12 +25,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sparsebench.budgets import layer_counts, random_masks  # noqa: E402
+from sparsebench.sparsity.distributions import layer_counts, random_masks  # noqa: E402
 from sparsebench.config import TrainerConfig  # noqa: E402
 from sparsebench.data import DataBundle, Split  # noqa: E402
-from sparsebench.masking import Masking  # noqa: E402
+from sparsebench.sparsity.masking import Masking  # noqa: E402
 from sparsebench.models import MLP, WideResNet  # noqa: E402
-from sparsebench.train import Trainer, set_seed  # noqa: E402
+from sparsebench.training.trainer import Trainer, set_seed  # noqa: E402
 
 
 class MaskInForward(nn.Module):

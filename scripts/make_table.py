@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from sparsebench.errors import SparsebenchError  # noqa: E402
+from sparsebench.core.errors import SparsebenchError  # noqa: E402
 from sparsebench.tables import make_table  # noqa: E402
 
 

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> int:
-    from sparsebench.io import atomic_write_text
+    from sparsebench.core.io import atomic_write_text
 
     lines = ["# Results", "",
              "One CSV per table/figure ID of `../shared/papers/TABLES.md` (long format: `id, setting, metric, "

@@ -11,10 +11,10 @@ import torch
 
 from sparsebench.config import DatasetConfig, TrainerConfig
 from sparsebench.data import load_dataset
-from sparsebench.distributed import rank
-from sparsebench.masking import Masking, magnitude_masks, topk_mask
+from sparsebench.core.distributed import rank
+from sparsebench.sparsity.masking import Masking, magnitude_masks, topk_mask
 from sparsebench.models import MLP
-from sparsebench.train import Callback, Trainer, set_seed
+from sparsebench.training.trainer import Callback, Trainer, set_seed
 
 
 class RankLocalRegrow(Callback):

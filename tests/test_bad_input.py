@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from sparsebench.api import compose, execute
-from sparsebench.budgets import layer_counts
+from sparsebench.sparsity.distributions import layer_counts
 from sparsebench.config import DatasetConfig, validate
 from sparsebench.data import load_dataset
-from sparsebench.errors import ConfigError, DataError, SparsebenchError, TrainingError
-from sparsebench.io import WriteError, atomic_write_csv
-from sparsebench.masking import Masking
+from sparsebench.core.errors import ConfigError, DataError, SparsebenchError, TrainingError
+from sparsebench.core.io import WriteError, atomic_write_csv
+from sparsebench.sparsity.masking import Masking
 from sparsebench.models import MLP
 
 ROOT = Path(__file__).resolve().parents[1]

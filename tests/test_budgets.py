@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from sparsebench.budgets import BUDGETS, layer_counts, layer_densities, random_masks
-from sparsebench.errors import ConfigError
-from sparsebench.masking import Masking
+from sparsebench.sparsity.distributions import BUDGETS, layer_counts, layer_densities, random_masks
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking
 from sparsebench.models import MLP, WideResNet
 
 

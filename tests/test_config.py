@@ -8,7 +8,7 @@ import yaml
 
 from sparsebench.api import CONF_DIR, compose
 from sparsebench.config import validate
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))

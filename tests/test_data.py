@@ -10,7 +10,7 @@ import torch
 
 from sparsebench.config import DatasetConfig
 from sparsebench.data import load_dataset
-from sparsebench.errors import DataError
+from sparsebench.core.errors import DataError
 
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -131,7 +131,7 @@ def test_real_mnist(mnist_root):
 
 
 def test_torchvision_imports_on_cpu_build():
-    from sparsebench._torchvision import import_torchvision
+    from sparsebench.data._torchvision import import_torchvision
 
     tv = import_torchvision()
     from torchvision import datasets, transforms  # noqa: F401

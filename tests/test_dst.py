@@ -8,16 +8,16 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sparsebench.budgets import layer_counts, random_masks
+from sparsebench.sparsity.distributions import layer_counts, random_masks
 from sparsebench.config import TrainerConfig
 from sparsebench.data import DataBundle, Split
 from sparsebench.dst import (GROWTH, AbsInnerProduct, BruteForceSearch, CosineDrop, ConstantDrop, DSTUpdater,
                              FaissSearch, L2Similarity, LSHSimilarity, SimilarityGrow, StepLTE, ThresholdMask,
                              ThresholdMaskCallback, attach_threshold_masks, layer_vectors, long_tailed_estimator)
-from sparsebench.errors import ConfigError, DataError
-from sparsebench.masking import Masking
+from sparsebench.core.errors import ConfigError, DataError
+from sparsebench.sparsity.masking import Masking
 from sparsebench.models import MLP, WideResNet
-from sparsebench.train import Callback, Trainer
+from sparsebench.training.trainer import Callback, Trainer
 
 torch.set_num_threads(1)
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsebench.errors import ConfigError
-from sparsebench.graph import (GRAPH_BACKENDS, drop_self, is_exact, knn_graph, knn_search, recall_at_k,
+from sparsebench.core.errors import ConfigError
+from sparsebench.graph.knn import (GRAPH_BACKENDS, drop_self, is_exact, knn_graph, knn_search, recall_at_k,
                                sampled_recall)
 
 
@@ -135,7 +135,7 @@ def test_brute_on_cuda_matches_cpu(gauss):
 
 @pytest.mark.parametrize("m", [5000, 5000 + 37, 100])
 def test_smallest_k_matches_topk(m):
-    from sparsebench.graph import smallest_k
+    from sparsebench.graph.knn import smallest_k
 
     d = torch.from_numpy(np.random.default_rng(m).normal(size=(64, m)).astype(np.float32))
     d[3, m - 1] = -100.0  # the minimum in the partial last group

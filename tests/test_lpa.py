@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from sparsebench.errors import ConfigError
-from sparsebench.graph import knn_graph
-from sparsebench.lpa import (LPASettings, affinity, knn_classify, label_spreading, mask_labels, normalized_affinity,
+from sparsebench.core.errors import ConfigError
+from sparsebench.graph.knn import knn_graph
+from sparsebench.graph.spreading import (LPASettings, affinity, knn_classify, label_spreading, mask_labels, normalized_affinity,
                              pca, run_lpa, scale_unit, seed_matrix)
 
 

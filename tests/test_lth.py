@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsebench.api import execute
-from sparsebench.masking import Masking, num_to_keep
+from sparsebench.sparsity.masking import Masking, num_to_keep
 from sparsebench.methods.pruning import LthImpConfig, RewindCapture, imp_round_densities, rewind
 from sparsebench.models import MLP
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparsebench.masking import Masking, global_magnitude_masks, magnitude_masks, num_to_keep, topk_mask
+from sparsebench.sparsity.masking import Masking, global_magnitude_masks, magnitude_masks, num_to_keep, topk_mask
 from sparsebench.models import MLP, WideResNet
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from sparsebench.api import compose, execute
 from sparsebench.config import validate
-from sparsebench.rundir import config_hash
+from sparsebench.core.rundir import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 

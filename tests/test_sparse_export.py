@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from sparsebench.api import execute
-from sparsebench.errors import ConfigError
-from sparsebench.masking import Masking, magnitude_masks
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking, magnitude_masks
 from sparsebench.models import MLP, WideResNet
-from sparsebench.sparse_export import SparseLinear, export_sparse, sparse_size_bytes
+from sparsebench.sparsity.export import SparseLinear, export_sparse, sparse_size_bytes
 
 
 def masked_mlp(density):

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparsebench.errors import ConfigError
-from sparsebench.masking import Masking, magnitude_masks, nm_masks
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking, magnitude_masks, nm_masks
 from sparsebench.models import MLP
-from sparsebench.sparse_export import SparseLinear, export_sparse, nm_violations, sparse_size_bytes
+from sparsebench.sparsity.export import SparseLinear, export_sparse, nm_violations, sparse_size_bytes
 from test_sparse_export import masked_mlp
 
 CUDA_24 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)

@@ -6,9 +6,9 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsebench.api import execute
-from sparsebench.budgets import layer_counts
-from sparsebench.errors import ConfigError
-from sparsebench.masking import Masking
+from sparsebench.sparsity.distributions import layer_counts
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking
 from sparsebench.methods.static import (PRUNE_STRATEGIES, RandomizedPruneConfig, global_topk_masks,
                                         neuron_accounting, snip_scores)
 from sparsebench.models import MLP

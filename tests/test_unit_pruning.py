@@ -5,7 +5,7 @@ import torch
 
 from sparsebench.api import execute
 from sparsebench.data import DataBundle, Split
-from sparsebench.masking import Masking
+from sparsebench.sparsity.masking import Masking
 from sparsebench.methods.unit import (LS_UPDATES, resplit, unit_pruning_masks, weight_pruning_masks,
                                       zero_dead_unit_biases)
 from sparsebench.models import MLP

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra.errors import HydraException
 
-from .config import validate
-from .distributed import is_main
-from .errors import ConfigError
-from .io import MetricsLog, atomic_write_csv, atomic_write_json
-from .rundir import config_hash, prepare_run_dir
+from sparsebench.config import validate
+from sparsebench.core.distributed import is_main
+from sparsebench.core.errors import ConfigError
+from sparsebench.core.io import MetricsLog, atomic_write_csv, atomic_write_json
+from sparsebench.core.rundir import config_hash, prepare_run_dir
 
 CONF_DIR = Path(os.environ.get("SPARSEBENCH_CONF", Path(__file__).resolve().parents[2] / "conf"))
 GROUPS = ("dataset", "model", "method", "trainer", "logger")
@@ -33,7 +33,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .config import register_schemas
+    from sparsebench.config import register_schemas
 
     register_schemas()
     if GlobalHydra.instance().is_initialized():
@@ -89,11 +89,11 @@ def execute(cfg: DictConfig, quiet: bool = False) -> pd.DataFrame:
     """Validate ``cfg`` and run it (or report its stored result). Returns the summary table.
 
     Raises:
-        ConfigError / DataError / TrainingError: one-line user errors (see :mod:`sparsebench.errors`).
+        ConfigError / DataError / TrainingError: one-line user errors (see :mod:`sparsebench.core.errors`).
     """
-    from .methods import METHODS
-    from .methods.base import RunContext
-    from .train import resolve_device
+    from sparsebench.methods import METHODS
+    from sparsebench.methods.base import RunContext
+    from sparsebench.training.trainer import resolve_device
 
     cfg = validate(cfg)
     run_id = config_hash(cfg)

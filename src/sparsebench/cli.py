@@ -7,9 +7,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .api import CONF_DIR, GROUPS, compose, execute
-from .config import register_schemas, validate
-from .errors import SparsebenchError
+from sparsebench.api import CONF_DIR, GROUPS, compose, execute
+from sparsebench.config import register_schemas, validate
+from sparsebench.core.errors import SparsebenchError
 
 register_schemas()
 

@@ -3,12 +3,12 @@
 A method is a :class:`~sparsebench.methods.base.Method` subclass registered with
 ``@METHODS.register(name, schema=ConfigDataclass)``; ``method.name`` in the config selects it.
 """
-from ..registry import Registry
+from sparsebench.core.registry import Registry
 
 METHODS: Registry = Registry("method.name")
 
-from . import base  # noqa: E402,F401
-from . import dense, pruning  # noqa: E402,F401
+from sparsebench.methods import base  # noqa: E402,F401
+from sparsebench.methods import dense, pruning  # noqa: E402,F401
 
 # optional method modules added by later issues register themselves here
 import importlib as _importlib  # noqa: E402

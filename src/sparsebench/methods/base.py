@@ -10,11 +10,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..data import DataBundle, load_dataset
-from ..io import MetricsLog
-from ..masking import Masking
-from ..models import build_model
-from ..train import Callback, Trainer, set_seed
+from sparsebench.data import DataBundle, load_dataset
+from sparsebench.core.io import MetricsLog
+from sparsebench.sparsity.masking import Masking
+from sparsebench.models import build_model
+from sparsebench.training.trainer import Callback, Trainer, set_seed
 
 
 @dataclass
@@ -59,8 +59,8 @@ class RunContext:
 
     def save_state(self, name: str, state: dict) -> None:
         """Save a method's own state (e.g. the IMP round) atomically, flushing the metrics log first."""
-        from ..distributed import is_main
-        from ..io import atomic_torch_save
+        from sparsebench.core.distributed import is_main
+        from sparsebench.core.io import atomic_torch_save
 
         if not is_main():
             return

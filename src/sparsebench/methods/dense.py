@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..config import MethodConfig
-from . import METHODS
-from .base import Method
+from sparsebench.config import MethodConfig
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
 
 
 @dataclass

@@ -20,13 +20,13 @@ from typing import List, Optional
 import pandas as pd
 import torch
 
-from ..budgets import layer_counts, random_masks
-from ..config import MethodConfig, _check, check_density, check_fraction
-from ..dst import (DROP_SCHEDULES, GROWTH, METRICS, SEARCHES, DSTUpdater, ThresholdMaskCallback,
+from sparsebench.sparsity.distributions import layer_counts, random_masks
+from sparsebench.config import MethodConfig, _check, check_density, check_fraction
+from sparsebench.dst import (DROP_SCHEDULES, GROWTH, METRICS, SEARCHES, DSTUpdater, ThresholdMaskCallback,
                    attach_threshold_masks)
-from ..masking import Masking
-from . import METHODS
-from .base import Method
+from sparsebench.sparsity.masking import Masking
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
 
 MASK_BUDGETS = ("uniform", "uniform+", "er", "erk", "erk+", "global")
 

@@ -1,6 +1,6 @@
 """``method=knn_lpa`` / ``method=kann_lpa``: label spreading on an exact / approximate k-NN graph.
 
-Document 000's semi-supervised pipeline (see :mod:`sparsebench.lpa`): [0, 1] scaling, PCA, a seeded
+Document 000's semi-supervised pipeline (see :mod:`sparsebench.graph.spreading`): [0, 1] scaling, PCA, a seeded
 mask hiding ``mask_fraction`` of the labels, a k-NN graph, label spreading, accuracy on the hidden
 labels (``acc_masked``) and on all points (``acc_all``).
 
@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from ..config import DatasetConfig, MethodConfig, _check
-from ..data import load_dataset
-from ..errors import ConfigError
-from ..graph import GRAPH_BACKENDS
-from ..lpa import EDGE_WEIGHTS, PCA_SOLVERS, PROPAGATORS, LPASettings, run_lpa
-from . import METHODS
-from .base import Method
+from sparsebench.config import DatasetConfig, MethodConfig, _check
+from sparsebench.data import load_dataset
+from sparsebench.core.errors import ConfigError
+from sparsebench.graph.knn import GRAPH_BACKENDS
+from sparsebench.graph.spreading import EDGE_WEIGHTS, PCA_SOLVERS, PROPAGATORS, LPASettings, run_lpa
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
 
 
 @dataclass

@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from ..config import MethodConfig, _check, check_density, check_fraction
-from ..masking import Masking, global_magnitude_masks, magnitude_masks, num_to_keep
-from ..train import Callback
-from . import METHODS
-from .base import Method
+from sparsebench.config import MethodConfig, _check, check_density, check_fraction
+from sparsebench.sparsity.masking import Masking, global_magnitude_masks, magnitude_masks, num_to_keep
+from sparsebench.training.trainer import Callback
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
 
 
 # --------------------------------------------------------------------------- magnitude

@@ -3,7 +3,7 @@
 Methods (``method.name``):
 
 * ``random_prune``: random masks at initialisation under any layer-wise budget of
-  :mod:`sparsebench.budgets` (``uniform``, ``uniform+``, ``er``, ``erk``, ``erk+``, ``snip_ratio``,
+  :mod:`sparsebench.sparsity.distributions` (``uniform``, ``uniform+``, ``er``, ``erk``, ``erk+``, ``snip_ratio``,
   ``global``), then training with the mask fixed (document 003, section III; Liu et al. 2022,
   "The Unreasonable Effectiveness of Random Pruning"). ``snip_ratio`` keeps only the per-layer
   densities of SNIP's global top-k; positions are random.
@@ -30,14 +30,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..budgets import BUDGETS, layer_counts, random_masks
-from ..config import MethodConfig, _check, check_density, check_fraction
-from ..errors import ConfigError
-from ..masking import Masking, topk_mask
-from ..registry import Registry
-from . import METHODS
-from .base import Method
-from .pruning import LotteryTicketIMP, LthImpConfig
+from sparsebench.sparsity.distributions import BUDGETS, layer_counts, random_masks
+from sparsebench.config import MethodConfig, _check, check_density, check_fraction
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking, topk_mask
+from sparsebench.core.registry import Registry
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
+from sparsebench.methods.pruning import LotteryTicketIMP, LthImpConfig
 
 
 # --------------------------------------------------------------------------- neuron accounting

@@ -11,7 +11,7 @@ Methods (``method.name``):
   ``<run_dir>/magnitudes.csv`` and their Kolmogorov-Smirnov distance is reported (document 002's
   "Theorem 1": unit pruning removes weights nearly at random with respect to |w|).
 * ``forward_time`` (T002-time): forward time of a batch through the network pruned per layer to
-  each k, dense vs the sparse export of :mod:`sparsebench.sparse_export` (CSR / COO), on CPU and,
+  each k, dense vs the sparse export of :mod:`sparsebench.sparsity.export` (CSR / COO), on CPU and,
   when available, CUDA.
 * ``ls_unit_prune`` (document 004, T004-train/-prune; Castellano, Fanelli & Pelillo 1997, "An
   iterative pruning algorithm for feedforward neural networks", IEEE TNN 8(3)): train the MLP, then
@@ -34,17 +34,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import MethodConfig, _check, check_fraction
-from ..data import DataBundle, Split
-from ..errors import ConfigError
-from ..io import atomic_write_csv
-from ..masking import Masking, topk_mask
-from ..registry import Registry
-from ..sparse_export import export_sparse
-from ..train import Callback, Trainer
-from . import METHODS
-from .base import Method
-from .static import neuron_accounting
+from sparsebench.config import MethodConfig, _check, check_fraction
+from sparsebench.data import DataBundle, Split
+from sparsebench.core.errors import ConfigError
+from sparsebench.core.io import atomic_write_csv
+from sparsebench.sparsity.masking import Masking, topk_mask
+from sparsebench.core.registry import Registry
+from sparsebench.sparsity.export import export_sparse
+from sparsebench.training.trainer import Callback, Trainer
+from sparsebench.methods import METHODS
+from sparsebench.methods.base import Method
+from sparsebench.methods.static import neuron_accounting
 
 DEFAULT_KS = [0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99]
 
@@ -453,8 +453,8 @@ class LsUnitPrune(Method):
         data = ctx.data
         if cfg.train_fraction is not None:
             data = resplit(data, cfg.train_fraction, int(ctx.cfg.seed))
-        from ..models import build_model
-        from ..train import set_seed
+        from sparsebench.models import build_model
+        from sparsebench.training.trainer import set_seed
 
         set_seed(int(ctx.cfg.seed))
         model = build_model(ctx.cfg.model, data.input_shape, data.num_classes)

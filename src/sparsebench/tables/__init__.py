@@ -30,8 +30,8 @@ from typing import Callable, List, Optional, Sequence
 import pandas as pd
 import yaml
 
-from ..errors import ConfigError
-from ..io import atomic_write_csv
+from sparsebench.core.errors import ConfigError
+from sparsebench.core.io import atomic_write_csv
 
 ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = ROOT / "experiments"
@@ -127,8 +127,8 @@ def run_spec(spec: dict, quick: bool = False, extra: Sequence[str] = (), seeds: 
              ) -> tuple[pd.DataFrame, List[str]]:
     """Execute every run of ``spec`` for every seed (reusing finished runs). Returns the concatenated
     summaries (column ``run_index`` = position in ``spec['runs']``) and the list of failed cells."""
-    from ..api import compose, execute
-    from ..errors import SparsebenchError
+    from sparsebench.api import compose, execute
+    from sparsebench.core.errors import SparsebenchError
 
     frames, failed = [], []
     for i, overrides in enumerate(spec["runs"]):
@@ -180,7 +180,7 @@ def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = Non
         for f in failed:
             print("  missing:", f)
     if spec["runs"] and runs.empty:
-        from ..errors import SparsebenchError
+        from sparsebench.core.errors import SparsebenchError
 
         raise SparsebenchError(f"table {table_id}: all {len(failed)} cells failed (first: {failed[0]}); "
                                f"no CSV written")

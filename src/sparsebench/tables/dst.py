@@ -22,7 +22,7 @@ from typing import Dict, List
 import numpy as np
 import pandas as pd
 
-from . import RESULTS, pyplot, rows, save_figure
+from sparsebench.tables import RESULTS, pyplot, rows, save_figure
 
 # settings key -> CSV column (``metric`` is taken by the long format, so the similarity is ``similarity``)
 PARAMS = {"K": "K", "k_similar": "k_similar", "bits": "bits", "search": "search", "metric": "similarity",
@@ -126,13 +126,13 @@ def fig31(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     import torch
     import torch.nn.functional as F
 
-    from ..budgets import layer_counts, random_masks
-    from ..config import DatasetConfig
-    from ..data import load_dataset
-    from ..dst import AbsInnerProduct, BruteForceSearch, FaissSearch, layer_vectors
-    from ..errors import DataError
-    from ..masking import Masking
-    from ..models import MLP
+    from sparsebench.sparsity.distributions import layer_counts, random_masks
+    from sparsebench.config import DatasetConfig
+    from sparsebench.data import load_dataset
+    from sparsebench.dst import AbsInnerProduct, BruteForceSearch, FaissSearch, layer_vectors
+    from sparsebench.core.errors import DataError
+    from sparsebench.sparsity.masking import Masking
+    from sparsebench.models import MLP
 
     torch.manual_seed(0)
     import os

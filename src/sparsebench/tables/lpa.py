@@ -18,7 +18,7 @@ from typing import List
 import numpy as np
 import pandas as pd
 
-from . import pyplot, rows, save_figure
+from sparsebench.tables import pyplot, rows, save_figure
 
 LPA_METRICS = ["acc_masked", "acc_all", "total_seconds", "pca_seconds", "graph_seconds", "propagation_seconds",
                "iterations", "recall"]
@@ -98,10 +98,10 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     ``results/T000-knn.png`` and the long-format table (metrics ``accuracy``, ``build_seconds``,
     ``query_seconds``, ``recall``; settings ``<backend> n_train=<N>``).
     """
-    from ..config import DatasetConfig
-    from ..data import default_data_root, load_dataset
-    from ..graph import knn_search, recall_at_k, warmup
-    from ..lpa import knn_vote, pca_fit
+    from sparsebench.config import DatasetConfig
+    from sparsebench.data import default_data_root, load_dataset
+    from sparsebench.graph.knn import knn_search, recall_at_k, warmup
+    from sparsebench.graph.spreading import knn_vote, pca_fit
 
     p = spec.get("knn") or {}
     name = p.get("dataset", "mnist")

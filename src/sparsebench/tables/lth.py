@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import rows
+from sparsebench.tables import rows
 
 SCHEDULES = {0: "frankle 20%/10% per round", 1: "algorithm-1 p^(1/n), n=10"}
 

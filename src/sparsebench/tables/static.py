@@ -17,7 +17,7 @@ from typing import Dict, List
 import numpy as np
 import pandas as pd
 
-from . import is_quick, load_spec, pyplot, rows, run_spec, save_figure
+from sparsebench.tables import is_quick, load_spec, pyplot, rows, run_spec, save_figure
 
 
 # --------------------------------------------------------------------------- helpers

@@ -9,7 +9,7 @@ torchvision's layout: ``<root>/MNIST/raw/*-ubyte[.gz]``, ``<root>/FashionMNIST/r
 files; when only the ``.gz`` files exist (e.g. a read-only shared copy) they are md5-checked against
 torchvision's published sums and extracted once into ``$SPARSEBENCH_CACHE`` (default
 ``~/.cache/sparsebench``). Without the files and without ``dataset.download=true`` a
-:class:`~sparsebench.errors.DataError` names the missing files and where they go.
+:class:`~sparsebench.core.errors.DataError` names the missing files and where they go.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ._torchvision import import_torchvision
-from .config import DatasetConfig
-from .errors import DataError
-from .io import atomic_write
+from sparsebench.data._torchvision import import_torchvision
+from sparsebench.config import DatasetConfig
+from sparsebench.core.errors import DataError
+from sparsebench.core.io import atomic_write
 
 IMAGE_STATS = {  # per-channel mean/std of the training images (standard values)
     "mnist": ((0.1307,), (0.3081,)),

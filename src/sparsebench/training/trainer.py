@@ -1,7 +1,7 @@
 """The training loop shared by every method.
 
 The loop knows nothing of methods: pruning and sparse-training strategies act through a
-:class:`~sparsebench.masking.Masking` (attached to the optimizer) and :class:`Callback` hooks
+:class:`~sparsebench.sparsity.masking.Masking` (attached to the optimizer) and :class:`Callback` hooks
 (``on_after_backward`` sees the dense gradients before the step; ``on_step_end`` may change masks).
 Data are in-memory tensors, shuffled with a seeded ``torch.Generator``, so the same seed on CPU gives
 bit-identical metrics.
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainerConfig
-from .data import DataBundle, Split
-from .errors import ConfigError, TrainingError
-from .io import MetricsLog
-from .masking import Masking
+from sparsebench.config import TrainerConfig
+from sparsebench.data import DataBundle, Split
+from sparsebench.core.errors import ConfigError, TrainingError
+from sparsebench.core.io import MetricsLog
+from sparsebench.sparsity.masking import Masking
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,7 +118,7 @@ class Trainer:
                  masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (), seed: int = 0,
                  metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0,
                  checkpoint: Optional[str] = None):
-        from . import distributed
+        from sparsebench.core import distributed
 
         device = distributed.init_from_env(device)
         self.cfg, self.device, self.seed = cfg, device, seed
@@ -227,8 +227,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Flush the metrics log, then write the checkpoint atomically (a full disk keeps the old one)."""
-        from .distributed import is_main
-        from .io import atomic_torch_save
+        from sparsebench.core.distributed import is_main
+        from sparsebench.core.io import atomic_torch_save
 
         if is_main():
             if self.metrics is not None:
@@ -274,7 +274,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self)
             if self.ddp is not None and self.masking is not None and self.masking.version != version:
-                from .distributed import sync_from_rank0
+                from sparsebench.core.distributed import sync_from_rank0
 
                 sync_from_rank0(self.masking, self.optimizer)
             self.time_in_callbacks += time.perf_counter() - t
@@ -290,7 +290,7 @@ class Trainer:
         self.model.train()
         resumed = self.maybe_resume()
         if self.ddp is not None:
-            from .distributed import sync_from_rank0
+            from sparsebench.core.distributed import sync_from_rank0
 
             sync_from_rank0(self.masking, self.optimizer)  # masks set before training are identical anyway
         for cb in self.callbacks:

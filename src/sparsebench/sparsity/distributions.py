@@ -28,9 +28,9 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from .errors import ConfigError
-from .masking import Masking, topk_mask
-from .registry import Registry
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.masking import Masking, topk_mask
+from sparsebench.core.registry import Registry
 
 BUDGETS: Registry = Registry("method.budget")
 

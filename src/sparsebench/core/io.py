@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from .errors import SparsebenchError
+from sparsebench.core.errors import SparsebenchError
 
 
 class WriteError(SparsebenchError, OSError):

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from sparsebench.core.errors import ConfigError
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -209,7 +209,7 @@ def nm_masks(masking: Masking, n: int = 2, m: int = 4) -> Dict[str, torch.Tensor
 
     Source: Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks" (arXiv:2104.08378), and
     NVIDIA's ASP ``m4n2_1d`` mask; written anew. Export with
-    ``sparsebench.sparse_export.export_sparse(model, "semi_structured")`` on a CUDA GPU.
+    ``sparsebench.sparsity.export.export_sparse(model, "semi_structured")`` on a CUDA GPU.
 
     Returns:
         ``{name: float 0/1 mask of the weight's shape}`` for every prunable weight of ``masking``.

@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from sparsebench.core.errors import ConfigError
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -227,7 +227,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     Raises:
         ConfigError: the first invalid key, with a one-line message naming it.
     """
-    from .methods import METHODS  # registered method schemas
+    from sparsebench.methods import METHODS  # registered method schemas
 
     out = {}
     top_allowed = {f.name for f in dataclasses.fields(RunConfig)} | set(GROUP_SCHEMAS) | {"method", "hydra"}
@@ -266,7 +266,7 @@ def register_schemas() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
-    from .methods import METHODS
+    from sparsebench.methods import METHODS
 
     cs = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():

@@ -1,7 +1,7 @@
 """Networks: the MLP family (incl. LeNet-300-100 and the 784-1000-1000-500-200-10 "fc5") and WideResNet.
 
 Plain PyTorch modules; every ``nn.Linear`` / ``nn.Conv2d`` weight is prunable by default (see
-:mod:`sparsebench.masking`).
+:mod:`sparsebench.sparsity.masking`).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError
+from sparsebench.config import ModelConfig
+from sparsebench.core.errors import ConfigError
 
 
 class BipolarSigmoid(nn.Module):

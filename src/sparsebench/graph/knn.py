@@ -33,8 +33,8 @@ from typing import ClassVar, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
-from .registry import Registry
+from sparsebench.core.errors import ConfigError, DataError
+from sparsebench.core.registry import Registry
 
 GRAPH_BACKENDS: Registry = Registry("method.backend")
 
@@ -304,7 +304,7 @@ class FaissHNSWBackend(_FaissBackend):
 def _numba_env() -> None:
     """Point numba's on-disk cache at ``$SPARSEBENCH_CACHE/numba`` unless ``NUMBA_CACHE_DIR`` is set."""
     if "NUMBA_CACHE_DIR" not in os.environ:
-        from .data import cache_dir
+        from sparsebench.data import cache_dir
 
         path = cache_dir() / "numba"
         try:

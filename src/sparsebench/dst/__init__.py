@@ -1,12 +1,12 @@
 """Dynamic sparse training from scratch: the drop/grow topology update and its grow criteria.
 
-A network starts from random ER/ERK masks (:mod:`sparsebench.budgets`) and trains sparse. Every
+A network starts from random ER/ERK masks (:mod:`sparsebench.sparsity.distributions`) and trains sparse. Every
 ``ΔT`` steps until ``T_end`` the :class:`DSTUpdater` callback, per updated layer,
 
 1. drops the ``n = round(d(t) * active)`` active weights with the smallest ``|w|``,
 2. grows ``n`` positions chosen by a :class:`GrowStrategy` among positions that were *inactive
    before the update* (``allow_regrow=True``: inactive after the drop, as RigL's reference code),
-3. writes the new mask into the :class:`~sparsebench.masking.Masking` buffers, zeroes the grown
+3. writes the new mask into the :class:`~sparsebench.sparsity.masking.Masking` buffers, zeroes the grown
    (and dropped) weights and their optimizer state (momentum, Adam moments).
 
 Each layer's active count is therefore exactly constant (``n`` capped at the number of growable
@@ -72,11 +72,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .io import MetricsLog
-from .masking import Masking
-from .registry import Registry
-from .train import Callback
+from sparsebench.core.errors import ConfigError
+from sparsebench.core.io import MetricsLog
+from sparsebench.sparsity.masking import Masking
+from sparsebench.core.registry import Registry
+from sparsebench.training.trainer import Callback
 
 DROP_SCHEDULES: Registry = Registry("method.schedule")
 GROWTH: Registry = Registry("method.grow")

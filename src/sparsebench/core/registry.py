@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Generic, Optional, TypeVar
 
-from .errors import ConfigError
+from sparsebench.core.errors import ConfigError
 
 T = TypeVar("T")
 

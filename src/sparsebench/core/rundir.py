@@ -15,8 +15,8 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import HASH_EXCLUDE, NOOP_DEFAULTS
-from .io import atomic_write_text
+from sparsebench.config import HASH_EXCLUDE, NOOP_DEFAULTS
+from sparsebench.core.io import atomic_write_text
 
 
 def _drop(d: Dict[str, Any], dotted: str) -> None:

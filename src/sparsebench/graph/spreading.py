@@ -2,7 +2,7 @@
 
 Pipeline of document 000 (Shepard, Korandla & Aggarwal 2024, "Graph-Based Semi-Supervised
 Learning"): scale the features to [0, 1], PCA to a few components, hide a seeded fraction of the
-labels, build a k-NN graph (:mod:`sparsebench.graph`), spread the remaining labels over it:
+labels, build a k-NN graph (:mod:`sparsebench.graph.knn`), spread the remaining labels over it:
 
     F^(0) = Y,   F^(t+1) = alpha S F^(t) + (1 - alpha) Y,   y*_i = argmax_c F_ic          (doc. 000)
 
@@ -35,9 +35,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .errors import ConfigError
-from .graph import KnnGraph, check_k, knn_graph, knn_search, sampled_recall, warmup
-from .registry import Registry
+from sparsebench.core.errors import ConfigError
+from sparsebench.graph.knn import KnnGraph, check_k, knn_graph, knn_search, sampled_recall, warmup
+from sparsebench.core.registry import Registry
 
 PROPAGATORS: Registry = Registry("method.solver")
 EDGE_WEIGHTS: Registry = Registry("method.weighting")
@@ -347,7 +347,7 @@ def knn_vote(idx: np.ndarray, train_y: np.ndarray, num_classes: Optional[int] = 
 def knn_classify(train_x, train_y, test_x, k: int = 5, backend: str = "brute", num_classes: Optional[int] = None,
                  **params) -> Tuple[np.ndarray, float, float]:
     """k-nearest-neighbour classifier: :func:`knn_vote` over the ``k`` nearest training points found by
-    ``backend`` (:func:`sparsebench.graph.knn_search`).
+    ``backend`` (:func:`sparsebench.graph.knn.knn_search`).
 
     Returns:
         ``(predictions (m,) int64, build_seconds, query_seconds)``.
