@@ -8,11 +8,11 @@ export SPARSEBENCH_DATA ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath .
 
 .PHONY: install run test tables help
 help:
-	@echo "make run | make test | make tables | make table-<ID> (see results/README.md)"
+	@echo "make run | make test | make tables | make table-<ID> [QUICK=1] [SEEDS=0,1] | make table-full-<ID> (see results/README.md)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,13 +24,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ---------------------------------------------------------------- tables (one target per ID)
-TABLE_IDS := $(shell $(PY) -c "import re,pathlib;print(' '.join(sorted(p.stem for p in pathlib.Path('experiments').glob('T*.yaml'))))" 2>/dev/null)
+# make table-<ID>: the spec's document setting (its `setting` preset); QUICK=1: plus its quick preset;
+# make table-full-<ID>: the document's full setting (its `full` preset, e.g. WRN-28x5 on CIFAR-100 for T001-*).
+# SEEDS=0,1 and OUT=dir are passed on as --seeds / --out.
+TABLE_IDS := $(sort $(patsubst experiments/%.yaml,%,$(wildcard experiments/T*.yaml)))
+TABLE_ARGS = $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(OUT),--out $(OUT))
 
 tables: $(addprefix table-,$(TABLE_IDS))
 
-# the document's full setting (e.g. WRN-28x5 on CIFAR-100 for T001-*): make table-full-T001-3.1
 table-full-%: $(STAMP)
-	$(BIN)/python scripts/make_table.py --full $*
+	$(BIN)/python scripts/make_table.py --full $(if $(SEEDS),--seeds $(SEEDS)) $(if $(OUT),--out $(OUT)) $*
 
 table-%: $(STAMP)
-	$(BIN)/python scripts/make_table.py $*
+	$(BIN)/python scripts/make_table.py $(TABLE_ARGS) $*

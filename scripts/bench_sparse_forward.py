@@ -18,7 +18,7 @@ the default thread count, on CPU and, when available, CUDA. Outputs are checked 
    layers, 4, 4, 2) and ``bsr-blk`` (BSR export of *block* magnitude masks at the same sparsity: whole
    blocks kept by their mean ``|w|``, the pattern BSR is made for); ``x`` = speed-up over dense.
    A storage table and a "where sparse wins" summary follow.
-3. CUDA with compute capability >= 8.0 only: fp16 models pruned 2:4 with :func:`sparsebench.sparsity.masking.nm_masks`,
+3. CUDA with compute capability >= 8.0 only: fp16 models pruned 2:4 with :func:`sparsebench.sparsity.selection.nm_masks`,
    dense fp16 vs ``semi_structured`` export (Mishra et al. 2021), for fc5 and a wide MLP
    (784-4096-4096-4096-10). Elsewhere one line says why these rows were skipped.
 
@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from sparsebench.core.errors import ConfigError  # noqa: E402
-from sparsebench.sparsity.masking import Masking, magnitude_masks, nm_masks, num_to_keep, topk_mask  # noqa: E402
-from sparsebench.methods.unit import time_forward  # noqa: E402
+from sparsebench.sparsity.masking import Masking  # noqa: E402
+from sparsebench.sparsity.selection import magnitude_masks, nm_masks, num_to_keep, topk_mask  # noqa: E402
+from sparsebench.methods.timing import time_forward  # noqa: E402
 from sparsebench.models import MLP  # noqa: E402
 from sparsebench.sparsity.export import auto_blocksize, export_sparse, sparse_size_bytes  # noqa: E402
 

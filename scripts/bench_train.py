@@ -30,7 +30,9 @@ from sparsebench.config import TrainerConfig  # noqa: E402
 from sparsebench.data import DataBundle, Split  # noqa: E402
 from sparsebench.sparsity.masking import Masking  # noqa: E402
 from sparsebench.models import MLP, WideResNet  # noqa: E402
-from sparsebench.training.trainer import Trainer, set_seed  # noqa: E402
+from sparsebench.core.seeding import set_seed  # noqa: E402
+from sparsebench.training.trainer import Trainer  # noqa: E402
+from sparsebench.training.runtime import setup_run  # noqa: E402
 
 
 class MaskInForward(nn.Module):
@@ -115,6 +117,7 @@ def bench(name, make_model, shape, classes, args, device):
     cfg = TrainerConfig(batch_size=args.batch, lr=0.01, iterations=10**9, device=device.type, amp=args.amp,
                         channels_last=args.channels_last and len(shape) == 3, compile=args.compile,
                         cudnn_benchmark=device.type == "cuda", nan_check=False)
+    setup_run(cfg)  # sets the cuDNN flag (process-wide, no longer done by Trainer)
     data = synthetic(shape, classes, args.batch, device)
     variants = {"dense": ("dense", 0.0)}
     for sp in (0.8, 0.9):

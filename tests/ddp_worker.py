@@ -12,9 +12,13 @@ import torch
 from sparsebench.config import DatasetConfig, TrainerConfig
 from sparsebench.data import load_dataset
 from sparsebench.core.distributed import rank
-from sparsebench.sparsity.masking import Masking, magnitude_masks, topk_mask
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import magnitude_masks, topk_mask
 from sparsebench.models import MLP
-from sparsebench.training.trainer import Callback, Trainer, set_seed
+from sparsebench.core.seeding import set_seed
+from sparsebench.training.callbacks import Callback
+from sparsebench.training.runtime import setup_run
+from sparsebench.training.trainer import Trainer
 
 
 class RankLocalRegrow(Callback):
@@ -33,15 +37,17 @@ def main(out, mode="regrow"):
     model = MLP(64, 10, [32])
     masking = Masking(model)
     masking.set_masks(magnitude_masks(masking, {n: 0.5 for n in masking.names}))
-    cfg = TrainerConfig(epochs=4, batch_size=64, lr=0.05)
+    cfg = TrainerConfig(epochs=4, batch_size=64, lr=0.05, device="cpu")
+    device = setup_run(cfg)  # joins the gloo process group (torchrun sets WORLD_SIZE=2)
     if mode == "faiss_grow":  # the real DST update, growth chosen from rank-local captured activations
-        from sparsebench.dst import GROWTH, DSTUpdater
+        from sparsebench.dst.grow import GROW_CRITERIA
+        from sparsebench.dst.updater import DSTUpdater
 
-        grow = GROWTH.get("faiss_grow")(torch.Generator().manual_seed(0), metric="abs_ip", search="faiss")
+        grow = GROW_CRITERIA.get("similarity")(torch.Generator().manual_seed(0), metric="abs_ip", search="faiss")
         callbacks = [DSTUpdater(masking, grow, d0=0.3, schedule="constant", delta_t=10, t_end=1.0)]
     else:
         callbacks = [RankLocalRegrow()]
-    trainer = Trainer(cfg, model, data, torch.device("cpu"), masking=masking, callbacks=callbacks, seed=0)
+    trainer = Trainer(cfg, model, data, device, masking=masking, callbacks=callbacks, seed=0)
     final = trainer.fit()
     torch.save({"state": model.state_dict(), "final": final, "world": trainer.world}, f"{out}/rank{trainer.rank}.pt")
 

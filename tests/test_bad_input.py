@@ -14,7 +14,8 @@ import torch
 
 from sparsebench.api import compose, execute
 from sparsebench.sparsity.distributions import layer_counts
-from sparsebench.config import DatasetConfig, validate
+from sparsebench.api import validate
+from sparsebench.config import DatasetConfig
 from sparsebench.data import load_dataset
 from sparsebench.core.errors import ConfigError, DataError, SparsebenchError, TrainingError
 from sparsebench.core.io import WriteError, atomic_write_csv
@@ -45,6 +46,41 @@ CONFIG_CASES = [
     (["method.rounds=0"], "method.rounds=0: must be >= 1"),
     (["method.target_density=2"], "method.target_density=2.0: density must be in (0, 1]"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes': unknown"),
+    # issue 12: every range checked at start-up
+    (["seed=-1"], "seed=-1: must be >= 0"),
+    (["trainer.eval_every=0"], "trainer.eval_every=0: must be >= 1"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size=0: must be >= 1"),
+    (["trainer.num_threads=-1"], "trainer.num_threads=-1: must be >= 1 or null"),
+    (["trainer.num_threads=0"], "trainer.num_threads=0: must be >= 1 or null"),
+    (["trainer.gamma=-0.1"], "trainer.gamma=-0.1: must be > 0"),
+    (["trainer.device=cudax"], "trainer.device='cudax': unknown (allowed: auto, cpu, cuda, cuda:N)"),
+    (["trainer.device=cuda:x"], "trainer.device='cuda:x': unknown"),
+    (["trainer.momentum=1.5"], "trainer.momentum=1.5: must be in [0, 1)"),
+    (["trainer.weight_decay=-1"], "trainer.weight_decay=-1.0: must be >= 0"),
+    (["trainer.milestones=[0.5,1.5]"], "trainer.milestones=[0.5, 1.5]: must be fractions of training"),
+    (["trainer.iterations=0"], "trainer.iterations=0: must be >= 1"),
+    (["trainer.epochs=0"], "trainer.epochs=0: must be >= 1"),
+    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1: must be >= 0"),
+    (["trainer.checkpoint_every_steps=0"], "trainer.checkpoint_every_steps=0: must be >= 1 or null"),
+    (["trainer.lr=inf"], "trainer.lr=inf: must be > 0"),
+    (["trainer.optimizer=rmsprop"], "trainer.optimizer='rmsprop': unknown"),
+    (["trainer.loss=hinge"], "trainer.loss='hinge': unknown"),
+    (["dataset.val_fraction=1.0"], "dataset.val_fraction=1.0: must be in [0, 1)"),
+    (["dataset.cutout=0"], "dataset.cutout=0: must be >= 1"),
+    (["dataset.train_subset=0"], "dataset.train_subset=0: must be a positive integer or null"),
+    (["dataset.augment=nope"], "dataset.augment='nope': unknown"),
+    (["model.dropout=1.0"], "model.dropout=1.0: must be in [0, 1)"),
+    (["model.hidden=[0]"], "model.hidden=[0]: widths must be positive"),
+    (["logger=wandb", "logger.init_timeout=0"], "logger.init_timeout=0.0: must be > 0"),
+    (["lock_timeout=-1"], "lock_timeout=-1.0: must be >= 0 seconds or null"),
+    (["out_dir="], "out_dir=''"),
+    (["method=set", "method.delta_t=0"], "method.delta_t=0: must be >= 1"),
+    (["method=rigl", "method.drop_fraction=1.5"], "method.drop_fraction=1.5: must be in [0, 1)"),
+    (["method=set", "method.t_end=2"], "method.t_end=2.0: must be in (0, 1]"),
+    (["method=static_sparse", "method.distribution=global"], "method.distribution='global': 'global' is a selection"),
+    (["method=lth_imp", "method.prune_rate=1.0"], "method.prune_rate=1.0: must be in [0, 1)"),
+    (["method=lth_imp", "method.rewind_step=-1"], "method.rewind_step=-1: must be >= 0"),
+    (["method=magnitude", "method.scope=weird"], "method.scope='weird': unknown"),
 ]
 
 
@@ -130,3 +166,102 @@ def test_gpu_out_of_memory_names_batch_size_and_model(tmp_path, monkeypatch):
     cfg = compose([f"out_dir={tmp_path}", "method=dense", "trainer.batch_size=512"])
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 0 with trainer.batch_size=512 and model MLP"):
         execute(cfg, quiet=True)
+
+
+# ----------------------------------------------------------------------------- issue 12: start-up checks
+def _cli(tmp_path, *args, env_extra=None):
+    env = {**os.environ, "SPARSEBENCH_OUT": str(tmp_path / "runs"), **(env_extra or {})}
+    flags = [a for a in args if a.startswith("--")]
+    args = [a for a in args if not a.startswith("--")]
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), *flags, "method=dense", "trainer.epochs=1", *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    return p.returncode, p.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("args,prefix", [
+    (["seed=-1"], "error: seed=-1: must be >= 0"),
+    (["trainer.device=cudax"], "error: trainer.device='cudax': unknown"),
+    (["trainer.num_threads=-1"], "error: trainer.num_threads=-1"),
+    (["dataset=iris", "dataset.val_fraction=0.99"], "error: dataset.val_fraction=0.99: dataset iris"),
+], ids=["seed", "device", "threads", "iris-val"])
+def test_cli_one_line_exit_2(tmp_path, args, prefix):
+    rc, lines = _cli(tmp_path, *args)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(prefix), (rc, lines)
+
+
+def test_out_dir_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, lines = _cli(tmp_path, f"out_dir={f}")
+    assert rc == 2 and lines == [f"error: out_dir='{f}': is a file, not a directory"], lines
+
+
+def test_out_dir_cannot_be_created(tmp_path):
+    from sparsebench.api import check_out_dir
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"^out_dir=.*: cannot create the directory"):
+        check_out_dir(str(f / "sub"))
+
+
+def test_out_dir_not_writable(tmp_path, monkeypatch):
+    from sparsebench.api import check_out_dir
+
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
+    with pytest.raises(ConfigError, match=r"^out_dir=.*: directory is not writable"):
+        check_out_dir(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_does_not_report_an_old_cpu_result(tmp_path):
+    assert _cli(tmp_path, "trainer.device=cpu")[0] == 0  # a finished CPU run with the same run id
+    cfg = compose([f"out_dir={tmp_path / 'runs'}", "method=dense", "trainer.epochs=1", "trainer.device=cuda"])
+    with pytest.raises(ConfigError, match=r"^trainer.device='cuda': CUDA is not available"):
+        execute(cfg, quiet=True)
+
+
+def test_sweep_goes_on_and_lists_failed_cells(tmp_path):
+    rc, lines = _cli(tmp_path, "--multirun", "seed=0,-1", "trainer.iterations=5")
+    assert rc == 2, lines
+    assert any(l.startswith("error: 1 sweep cell(s) failed") for l in lines), lines
+    assert any(l.startswith("  job 1: ") and l.endswith("seed=-1: must be >= 0") for l in lines), lines
+    assert list((tmp_path / "runs").glob("*/summary.csv")), "the good cell must have run"
+
+
+def test_torch_save_failure_is_the_disk_full_message(tmp_path, monkeypatch):
+    from sparsebench.core.io import atomic_torch_save
+
+    def enforce_fail(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    with pytest.raises(WriteError, match=r"^could not write .*ck.pt: disk full"):
+        atomic_torch_save(tmp_path / "ck.pt", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_layer_without_active_weight_is_a_warning_naming_it(tmp_path, capfd):
+    from sparsebench.training.trainer import Trainer
+
+    orig = Trainer.fit
+
+    def fit(self):
+        if self.masking is not None:
+            name = self.masking.names[0]
+            self.masking.set_masks({name: torch.zeros_like(self.masking.mask(name))})
+        return orig(self)
+
+    import pytest as _pt
+
+    with _pt.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "fit", fit)
+        execute(compose([f"out_dir={tmp_path}", "method=static_sparse", "trainer.epochs=1"]), quiet=True)
+    err = capfd.readouterr().err
+    assert "warning: layer" in err and "has no active weight" in err, err
+
+
+def test_rigl_with_no_update_step_warns(tmp_path, capfd):
+    execute(compose([f"out_dir={tmp_path}", "method=rigl", "trainer.iterations=20", "method.delta_t=100"]), quiet=True)
+    err = capfd.readouterr().err
+    assert "method.delta_t=100" in err and "no topology update" in err, err

@@ -1,10 +1,14 @@
-"""Layer-wise density budgets against hand-computed fixtures; exact global density."""
+"""Sparsity distributions against hand-computed fixtures; exact global density; `global` is a scope, not a
+distribution; a toy distribution registered in a test is selectable by config."""
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from sparsebench.sparsity.distributions import BUDGETS, layer_counts, layer_densities, random_masks
+from sparsebench.api import execute
+from sparsebench.sparsity.distributions import (DISTRIBUTIONS, Distribution, layer_counts, layer_densities,
+                                                random_masks, solve_densities)
 from sparsebench.core.errors import ConfigError
 from sparsebench.sparsity.masking import Masking
 from sparsebench.models import MLP, WideResNet
@@ -73,17 +77,17 @@ def test_uniform_plus_infeasible_raises_config_error():
         layer_counts(lenet(), 0.1, "uniform+")
 
 
-@pytest.mark.parametrize("budget", ["uniform", "er", "erk", "erk+", "global", "snip_ratio"])
+@pytest.mark.parametrize("dist", ["uniform", "er", "erk", "erk+", "snip_ratio"])
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.0317, 0.005])
-def test_realised_global_density_exact_to_one_weight(budget, density):
+def test_realised_global_density_exact_to_one_weight(dist, density):
     for mk in (lenet(), wrn10_1()):
         total = sum(w.numel() for _, w, _ in mk.items())
         scores = {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) for n, w, _ in mk.items()}
-        if budget == "erk+" and mk.weight(mk.output_layer).numel() > round(density * total):
+        if dist == "erk+" and mk.weight(mk.output_layer).numel() > round(density * total):
             with pytest.raises(ConfigError, match="method.density"):  # dense output layer alone is over budget
-                layer_counts(mk, density, budget)
+                layer_counts(mk, density, dist)
             continue
-        counts = layer_counts(mk, density, budget, scores=scores)
+        counts = layer_counts(mk, density, dist, scores=scores)
         assert sum(counts.values()) == round(density * total)
         masks = random_masks(mk, counts, torch.Generator().manual_seed(0))
         mk.set_masks(masks)
@@ -114,10 +118,57 @@ def test_dense_patterns_and_snip_ratio():
         layer_counts(mk, 0.2, "snip_ratio")
 
 
-def test_bad_budget_and_density_raise():
-    with pytest.raises(ConfigError, match="method.budget"):
+def test_bad_distribution_and_density_raise():
+    with pytest.raises(ConfigError, match=r"^method.distribution='nope': unknown"):
         layer_counts(lenet(), 0.1, "nope")
     with pytest.raises(ConfigError, match="method.density"):
         layer_counts(lenet(), 1.5, "erk")
-    assert set(BUDGETS.names()) >= {"uniform", "uniform+", "er", "erk", "erk+", "snip_ratio", "global"}
+    assert set(DISTRIBUTIONS.names()) >= {"uniform", "uniform+", "er", "erk", "erk+", "snip_ratio"}
+    assert "global" not in DISTRIBUTIONS
     assert math.isclose(sum(layer_counts(lenet(), 1.0, "erk").values()), 266200)
+    with pytest.raises(TypeError, match="erk_power"):  # a parameter no distribution declares (typo)
+        layer_counts(lenet(), 0.1, "erk", erk_power=2.0)
+
+
+def test_distribution_parameters_are_their_own():
+    # erk_power_scale 0 flattens ERK's raw ratio to 1 for every layer: uniform; uniform ignores it
+    assert layer_counts(lenet(), 0.3, "erk", erk_power_scale=1e-12) == layer_counts(lenet(), 0.3, "uniform")
+    assert layer_counts(lenet(), 0.9, "uniform", erk_power_scale=3.0) == layer_counts(lenet(), 0.9, "uniform")
+    # uniform+'s output-layer floor: at density 0.9 the output layer sits at max(0.9, floor)
+    up = layer_counts(lenet(), 0.9, "uniform+", output_floor=0.95)
+    assert up["layers.4.weight"] == 950 and up["layers.0.weight"] == 235200
+
+
+def test_global_distribution_is_a_one_line_config_error(compose_cfg):
+    for method in ("random_prune", "static_sparse"):
+        with pytest.raises(ConfigError) as err:
+            execute(compose_cfg("method=" + method, "method.distribution=global"), quiet=True)
+        msg = str(err.value)
+        assert msg.startswith("method.distribution='global'") and "method.scope" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"^method.distribution='global'.*selection scope"):
+        layer_counts(lenet(), 0.1, "global")
+
+
+@dataclass
+class FirstLayerHeavy(Distribution):
+    """Toy: the first layer gets ``weight`` times the raw density of the others."""
+
+    weight: float = 4.0
+
+    def densities(self, masking, density, fixed, target):
+        numel = {n: w.numel() for n, w, _ in masking.items()}
+        raw = {n: self.weight if i == 0 else 1.0 for i, n in enumerate(numel)}
+        return solve_densities(numel, raw, target, fixed)
+
+
+def test_toy_distribution_registered_in_a_test_is_selectable_by_config(compose_cfg):
+    DISTRIBUTIONS.register("toy_first_heavy")(FirstLayerHeavy)
+    try:
+        df = execute(compose_cfg("method=random_prune", "method.distribution=toy_first_heavy", "method.density=0.2",
+                                 "trainer.epochs=1", "trainer.device=cpu", "model.hidden=[32]"), quiet=True)
+    finally:
+        for table in (DISTRIBUTIONS._entries, DISTRIBUTIONS._schemas, getattr(DISTRIBUTIONS, "_meta", {})):
+            table.pop("toy_first_heavy", None)
+    assert df["distribution"][0] == "toy_first_heavy"
+    assert df["density"][0] == pytest.approx(0.2, abs=1e-3)
+    assert df["density/layers.0.weight"][0] == pytest.approx(4 * df["density/layers.2.weight"][0], rel=0.02)

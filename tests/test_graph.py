@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sparsebench.core.errors import ConfigError
-from sparsebench.graph.knn import (GRAPH_BACKENDS, drop_self, is_exact, knn_graph, knn_search, recall_at_k,
-                               sampled_recall)
+from sparsebench.graph.backends import GRAPH_BACKENDS, backend_names, drop_self, smallest_k
+from sparsebench.graph.knn import knn_graph, knn_search, recall_at_k, sampled_recall
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +121,31 @@ def test_k_must_be_smaller_than_n():
         knn_graph(x, 3, "annoy")
 
 
-def test_backend_registry_exactness():
-    assert {n for n in GRAPH_BACKENDS.names() if is_exact(n)} == {"brute", "faiss"}
-    assert {"faiss_hnsw", "faiss_ivf", "pynndescent"} <= set(GRAPH_BACKENDS.names())
+def test_backend_registry_metadata():
+    assert backend_names(exact=True) == ["brute", "faiss"]
+    assert {"faiss_hnsw", "faiss_ivf", "pynndescent"} <= set(backend_names(exact=False))
+    assert [n for n in GRAPH_BACKENDS.names() if GRAPH_BACKENDS.get(n).jit] == ["pynndescent"]
+    g = knn_graph(np.random.default_rng(0).normal(size=(50, 3)), 3, "faiss_hnsw")
+    assert g.exact is False  # the graph carries its backend's metadata
+
+
+def test_backend_thread_settings_are_restored(monkeypatch):
+    import faiss
+
+    from sparsebench.graph.backends import FaissFlatBackend
+
+    before = faiss.omp_get_max_threads()
+    seen = []
+    inner = FaissFlatBackend.graph
+
+    def spy(self, x, k):
+        seen.append(faiss.omp_get_max_threads())
+        return inner(self, x, k)
+
+    monkeypatch.setattr(FaissFlatBackend, "graph", spy)
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    knn_graph(x, 3, "faiss", num_threads=before + 1)
+    assert seen == [before + 1] and faiss.omp_get_max_threads() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -135,8 +157,6 @@ def test_brute_on_cuda_matches_cpu(gauss):
 
 @pytest.mark.parametrize("m", [5000, 5000 + 37, 100])
 def test_smallest_k_matches_topk(m):
-    from sparsebench.graph.knn import smallest_k
-
     d = torch.from_numpy(np.random.default_rng(m).normal(size=(64, m)).astype(np.float32))
     d[3, m - 1] = -100.0  # the minimum in the partial last group
     v, i = smallest_k(d, 10)

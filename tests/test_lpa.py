@@ -1,4 +1,5 @@
-"""Label spreading: agreement with scikit-learn, solvers, early stopping, preprocessing, errors, methods."""
+"""Label spreading: agreement with scikit-learn, solvers, early stopping, preprocessing, the estimator
+(scikit-learn's estimator checks), errors, methods."""
 import os
 import warnings
 from pathlib import Path
@@ -9,9 +10,11 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from sparsebench.core.errors import ConfigError
-from sparsebench.graph.knn import knn_graph
-from sparsebench.graph.spreading import (LPASettings, affinity, knn_classify, label_spreading, mask_labels, normalized_affinity,
-                             pca, run_lpa, scale_unit, seed_matrix)
+from sparsebench.graph.affinity import affinity, normalized_affinity
+from sparsebench.graph.estimator import LabelSpreading
+from sparsebench.graph.knn import knn_classify, knn_graph
+from sparsebench.graph.pca import pca, scale_unit, torch_threads
+from sparsebench.graph.spreading import label_spreading, mask_labels, seed_matrix
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +128,12 @@ def test_fully_masked_class_is_a_clear_error():
 
 def test_k_not_below_n_is_a_clear_error(digits):
     x, y = digits
-    with pytest.raises(ConfigError, match=r"^method.k=60: must be smaller than the number of samples \(60\)"):
-        run_lpa(x[:60], y[:60], LPASettings(k=60, pca_components=None), seed=0)
+    with pytest.raises(ConfigError, match=r"^n_neighbors=60: must be smaller than the number of samples \(60\)"):
+        LabelSpreading(n_neighbors=60, graph="brute").fit(x[:60], y[:60])
+    with pytest.raises(ConfigError, match=r"^solver='jacobi': unknown \(allowed: cg, iterate\)"):
+        LabelSpreading(solver="jacobi").fit(x[:60], y[:60])
+    with pytest.raises(ConfigError, match=r"^y: no labelled point"):
+        LabelSpreading(graph="brute").fit(x[:60], np.full(60, -1))
 
 
 def test_pca_solvers_agree(digits):
@@ -150,13 +157,79 @@ def test_knn_classifier(digits):
     assert (pb == y[1400:]).mean() > 0.93
 
 
-def test_run_lpa_pipeline(digits):
+def test_estimator_pipeline(digits):
     x, y = digits
-    out = run_lpa(x, y, LPASettings(k=5, pca_components=None, backend="faiss_hnsw", solver="cg"), seed=0)
-    assert out["n"] == 1797 and out["n_labelled"] == 180 and out["converged"]
-    assert out["acc_masked"] > 0.9 and out["recall"] > 0.97
-    assert out["total_seconds"] == pytest.approx(out["pca_seconds"] + out["graph_seconds"]
-                                                 + out["propagation_seconds"])
+    labelled = mask_labels(y, 0.9, seed=0, num_classes=10)
+    est = LabelSpreading(n_neighbors=5, graph="faiss_hnsw", solver="cg", random_state=0).fit(x, np.where(labelled, y, -1))
+    assert est.converged_ and est.n_iter_ < 200 and est.X_.shape == x.shape
+    assert (est.classes_ == np.arange(10)).all() and est.label_distributions_.shape == (1797, 10)
+    np.testing.assert_allclose(est.label_distributions_.sum(1), 1.0)
+    assert (est.transduction_ == est.label_distributions_.argmax(1)).all()
+    assert _acc(est.transduction_, y, labelled) > 0.9
+    t = est.timings_
+    assert t["total"] == pytest.approx(t["pca"] + t["graph"] + t["propagation"])
+    # new points: neighbours' label distributions; the training points themselves mostly keep their labels
+    assert est.score(x[labelled], y[labelled]) > 0.9
+    assert est.predict_proba(x[:7]).shape == (7, 10)
+
+
+def test_estimator_matches_the_pipeline_by_hand(digits):
+    """fit() is scale -> PCA -> graph -> affinity -> spreading, with labels encoded through classes_."""
+    x, y = digits
+    labelled = mask_labels(y, 0.9, seed=1, num_classes=10)
+    est = LabelSpreading(n_neighbors=5, graph="brute", scale=True, pca_components=20).fit(
+        x * 16.0, np.where(labelled, 2 * y + 10, -1))  # labels 10, 12, ..., 28; scaling undoes the * 16
+    z = pca(scale_unit(x * 16.0), 20)
+    S = normalized_affinity(affinity(knn_graph(z, 5, "brute")))
+    F = label_spreading(S, seed_matrix(y, labelled, 10), 0.99, "cg").F
+    assert (est.classes_ == 2 * np.arange(10) + 10).all()
+    assert (est.transduction_ == 2 * F.argmax(1) + 10).all()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")
+def test_estimator_is_sklearn_compatible():
+    """scikit-learn's estimator checks, all of them (brute graph and n_neighbors=3 keep the tiny check
+    data sets valid and the run short). ``check_array_api_input`` is skipped by scikit-learn itself
+    unless SCIPY_ARRAY_API=1: the estimator converts its input to NumPy and claims no array-API support."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(LabelSpreading(n_neighbors=3, graph="brute"), on_fail=None)
+    failed = [(r["check_name"], repr(r["exception"])) for r in results if r["status"] == "failed"]
+    assert not failed
+    assert sum(r["status"] == "passed" for r in results) >= 50
+
+
+def test_sklearn_clone_and_params():
+    from sklearn.base import clone
+
+    import sparsebench
+
+    est = sparsebench.LabelSpreading(n_neighbors=7, alpha=0.9, graph="faiss", solver="iterate")
+    assert clone(est).get_params() == est.get_params() and est.get_params()["graph"] == "faiss"
+
+
+def test_torch_threads_restores():
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+    assert torch.get_num_threads() == before
+
+
+def test_config_builds_the_estimator_from_its_own_keys():
+    """Every estimator parameter not supplied by the run is a config key (renamed ones in CONFIG_KEYS)."""
+    from sparsebench.methods.lpa import CONFIG_KEYS, RUN_PARAMS, KannLPAConfig
+
+    c = KannLPAConfig(k=7, alpha=0.5, pca_solver="randomized", n_trees=3, block_size=64, num_threads=1)
+    est = c.estimator(seed=3)
+    for p in LabelSpreading._get_param_names():
+        if p not in RUN_PARAMS:
+            assert est.get_params()[p] == getattr(c, CONFIG_KEYS.get(p, p)), p
+    assert est.random_state == 3 and est.graph_params["n_trees"] == 3 and est.graph_params["block_size"] == 64
+    assert est.n_neighbors == 7 and est.graph == "pynndescent"
 
 
 # ---------------------------------------------------------------- the registered methods

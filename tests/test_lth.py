@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sparsebench.api import execute
-from sparsebench.sparsity.masking import Masking, num_to_keep
-from sparsebench.methods.pruning import LthImpConfig, RewindCapture, imp_round_densities, rewind
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import num_to_keep
+from sparsebench.methods.lottery import LthImpConfig, RewindCapture, imp_round_densities, imp_round_target, rewind
 from sparsebench.models import MLP
 
 
@@ -38,6 +39,8 @@ def test_imp_round_densities_per_layer_and_algorithm1():
     alg1 = LthImpConfig(rounds=4, target_density=0.0625)
     d = imp_round_densities(masking, alg1)  # keeps 0.0625 ** (1/4) = 0.5 per round
     assert d["layers.0.weight"] == 0.5 and d["layers.2.weight"] == 0.5
+    assert imp_round_target(masking, alg1) == d  # scope=layer: per-layer densities
+    assert imp_round_target(masking, LthImpConfig(scope="global")) == pytest.approx(0.8)  # one rate overall
 
 
 def test_rewinding_restores_saved_weights_exactly():
@@ -73,3 +76,15 @@ def test_reinit_control_adds_columns(compose_cfg):
     df = execute(compose_cfg("method.rounds=1", "method.reinit_control=true", "trainer.epochs=1",
                              "model.hidden=[16]"), quiet=True)
     assert "reinit_test_acc" in df.columns and df["reinit_test_acc"].notna().sum() == 1
+
+
+def test_global_scope_imp_and_bad_scope(compose_cfg):
+    from sparsebench.core.errors import ConfigError
+
+    df = execute(compose_cfg("method.rounds=2", "method.scope=global", "trainer.epochs=1", "model.hidden=[16]"),
+                 quiet=True)
+    total = 64 * 16 + 16 * 10
+    for rnd, want in ((1, round(0.8 * total)), (2, round(0.8 * round(0.8 * total)))):
+        assert round(df["density"][rnd] * total) == want  # 20% of the remaining weights, network-wide
+    with pytest.raises(ConfigError, match="^method.scope='layerwise': unknown"):
+        execute(compose_cfg("method.scope=layerwise"), quiet=True)

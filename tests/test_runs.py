@@ -5,26 +5,34 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from sparsebench.api import compose, execute
-from sparsebench.config import validate
-from sparsebench.core.rundir import config_hash
+from sparsebench.api import compose, execute, validate
+from sparsebench.config.identity import config_hash, hashable_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_hash_of_fixed_config_never_changes():
-    # if this fails, a change altered run identity: new config keys must default to a no-op
-    cfg = validate(compose(["method=lth_imp", "dataset=digits", "model=mlp", "seed=0"]))
+    # if this fails, a change altered run identity: a new key's schema default must keep the old behaviour,
+    # and a schema default must not change
+    cfg = validate(compose(["method=dense", "dataset=digits", "model=mlp", "seed=0"]))
+    assert hashable_config(cfg) == {"method": {"name": "dense"}}  # everything else at its schema default
     assert config_hash(cfg) == FIXED_HASH
+    cfg = validate(compose(["method=dense", "dataset=mnist", "model=lenet300_100", "seed=3", "trainer.lr=0.05"]))
+    assert hashable_config(cfg) == {"seed": 3, "method": {"name": "dense"}, "trainer": {"lr": 0.05},
+                                    "dataset": {"name": "mnist", "val_fraction": 0.0833333},
+                                    "model": {"name": "lenet300_100", "hidden": [300, 100]}}
+    assert config_hash(cfg) == FIXED_HASH_2
 
 
-FIXED_HASH = "c818feee6a3f"
+FIXED_HASH = "b7a589ab0c99"
+FIXED_HASH_2 = "399eff014a46"
 
 
 def test_hash_ignores_logging_paths_and_device_but_not_seed():
     a = validate(compose(["out_dir=/tmp/a", "trainer.device=cpu"]))
-    b = validate(compose(["out_dir=/tmp/b", "trainer.device=auto", "logger=wandb", "experiment=T003-imp"]))
+    b = validate(compose(["out_dir=/tmp/b", "trainer.device=auto", "logger=wandb", "table=T003-imp"]))
     c = validate(compose(["seed=1"]))
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
@@ -64,15 +72,53 @@ def test_main_job_runs_and_prints_the_table(tmp_path):
     assert df["test_acc"].iloc[0] > 0.9  # Digits MLP
 
 
-def test_new_keys_at_their_noop_default_keep_the_hash(monkeypatch):
-    from sparsebench import config
+def test_a_new_key_at_its_schema_default_keeps_the_hash():
+    import dataclasses
 
-    cfg = validate(compose(["seed=0"]))
-    h = config_hash(cfg)
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    cfg.trainer.brand_new_switch = False
-    assert config_hash(cfg) != h
-    monkeypatch.setitem(config.NOOP_DEFAULTS, "trainer.brand_new_switch", False)
-    assert config_hash(cfg) == h
+    from sparsebench.config import validation
+    from sparsebench.methods import METHODS
+
+    cfg = OmegaConf.create(OmegaConf.to_container(compose(["seed=0"])))  # untyped, so another schema applies
+    base = METHODS.schema("lth_imp")
+    extended = dataclasses.make_dataclass("Extended", [("brand_new_switch", bool, False)], bases=(base,))
+    schemas = {**{n: METHODS.schema(n) for n in METHODS.names()}, "lth_imp": extended}
+    h = config_hash(validate(cfg))
+    assert config_hash(validation.validate(cfg, method_schemas=schemas)) == h
+    cfg.method.brand_new_switch = True  # not at its default: part of the identity
+    assert config_hash(validation.validate(cfg, method_schemas=schemas)) != h
+
+
+def test_hash_needs_the_validated_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(OmegaConf.to_container(validate(compose([]))))  # schema types dropped
+    with pytest.raises(TypeError, match="validated config"):
+        config_hash(cfg)
+
+
+def test_derive_seed_is_stable_and_name_dependent():
+    from sparsebench.core.seeding import derive_seed
+
+    assert derive_seed(0, "mask_init") == derive_seed(0, "mask_init") == DERIVED
+    assert len({derive_seed(0, "mask_init"), derive_seed(1, "mask_init"), derive_seed(0, "data")}) == 3
+    assert 0 <= derive_seed(-5, "x") < 2**63
+
+
+DERIVED = int.from_bytes(__import__("hashlib").sha256(b"0:mask_init").digest()[:8], "big") & (2**63 - 1)
+
+
+def test_thread_count_is_restored_after_a_run(tmp_path):
+    import torch
+
+    from sparsebench.core.threads import torch_threads
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with torch_threads(other) as n:
+        assert n == torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    execute(compose([f"out_dir={tmp_path}", "method=dense", "trainer.epochs=1", f"trainer.num_threads={other}"]),
+            quiet=True)
+    assert torch.get_num_threads() == before

@@ -4,7 +4,8 @@ import torch
 
 from sparsebench.api import execute
 from sparsebench.core.errors import ConfigError
-from sparsebench.sparsity.masking import Masking, magnitude_masks
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import magnitude_masks
 from sparsebench.models import MLP, WideResNet
 from sparsebench.sparsity.export import SparseLinear, export_sparse, sparse_size_bytes
 

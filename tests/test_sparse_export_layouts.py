@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from sparsebench.core.errors import ConfigError
-from sparsebench.sparsity.masking import Masking, magnitude_masks, nm_masks
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import magnitude_masks, nm_masks
 from sparsebench.models import MLP
 from sparsebench.sparsity.export import SparseLinear, export_sparse, nm_violations, sparse_size_bytes
 from test_sparse_export import masked_mlp

@@ -4,9 +4,11 @@ import torch
 
 from sparsebench.config import DatasetConfig, TrainerConfig
 from sparsebench.data import load_dataset
-from sparsebench.sparsity.masking import Masking, magnitude_masks
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import magnitude_masks
 from sparsebench.models import MLP, WideResNet
-from sparsebench.training.trainer import Trainer, set_seed
+from sparsebench.core.seeding import set_seed
+from sparsebench.training.trainer import Trainer
 
 
 def _losses(model_fn, data, steps=12, **switches):

@@ -6,10 +6,10 @@ import torch
 from sparsebench.api import execute
 from sparsebench.data import DataBundle, Split
 from sparsebench.sparsity.masking import Masking
-from sparsebench.methods.unit import (LS_UPDATES, resplit, unit_pruning_masks, weight_pruning_masks,
-                                      zero_dead_unit_biases)
+from sparsebench.methods.post_training import resplit
+from sparsebench.sparsity.units import LS_UPDATES, UNIT_CRITERIA, zero_dead_unit_biases
 from sparsebench.models import MLP
-from sparsebench.tables import TABLE_COLUMNS
+from sparsebench.tables.schema import TABLE_COLUMNS
 
 from test_static import quick_table
 
@@ -20,12 +20,12 @@ def test_weight_and_unit_masks_per_layer():
     torch.manual_seed(0)
     mk = Masking(MLP(20, 5, [16, 8]))
     names = mk.names[:-1]
-    wm = weight_pruning_masks(mk, names, 0.75)
+    wm = UNIT_CRITERIA.get("weight")().masks(mk, names, 0.75)
     for n in names:
         w, m = mk.weight(n).abs(), wm[n]
         assert int((m == 0).sum()) == round(0.75 * w.numel())
         assert w[m == 0].max() <= w[m == 1].min()  # the smallest |w| of the layer
-    um = unit_pruning_masks(mk, names, 0.5)
+    um = UNIT_CRITERIA.get("unit")().masks(mk, names, 0.5)
     for n in names:
         w, m = mk.weight(n), um[n]
         rows_kept = m.all(dim=1)
@@ -120,3 +120,17 @@ def test_t004_tables_quick(mnist_root, out_dir, tmp_path):
     assert t[(t.dataset == "mnist") & (t.metric == "test_acc")]["setting"].iloc[0].startswith("mnist, ")
     p, _ = quick_table("T004-prune", tmp_path, runs=runs)
     assert set(p["update"]) == {"ls", "none"} and p["removed"].max() == 3 and "ordering_holds" in p
+
+
+def test_ls_unit_prune_trains_through_the_shared_trainer_and_resumes(compose_cfg):
+    cfg = compose_cfg("dataset=iris", "method=ls_unit_prune", "model.hidden=[4]", "trainer.epochs=3",
+                      "trainer.device=cpu")
+    df = execute(cfg, quiet=True)
+    run_dir = f"{cfg.out_dir}/{df['run_id'][0]}"
+    import os
+
+    assert os.path.isfile(f"{run_dir}/checkpoints/train.pt")  # the trainer's checkpoint: resumable
+    os.remove(f"{run_dir}/summary.csv")  # as if interrupted after training: resumes from the checkpoint
+    again = execute(cfg, quiet=True)
+    cols = [c for c in df.columns if c not in ("train_seconds",)]
+    pd.testing.assert_frame_equal(df[cols], again[cols])

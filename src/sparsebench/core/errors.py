@@ -7,9 +7,11 @@ Every user-facing failure in sparsebench raises a subclass of :class:`Sparsebenc
 
 
 class SparsebenchError(Exception):
-    """Base class: a problem the user can fix; ``str(err)`` is a complete one-line message."""
+    """Base class: a problem the user can fix; ``str(err)`` is a complete one-line message, printed as
+    ``<prefix>: <message>`` with exit code :attr:`exit_code`."""
 
     exit_code = 2
+    prefix = "error"
 
 
 class ConfigError(SparsebenchError, ValueError):

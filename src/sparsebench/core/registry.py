@@ -1,4 +1,4 @@
-"""A tiny name -> class registry used for methods, budgets, grow criteria and graph backends.
+"""A tiny name -> class registry used for methods, datasets, models, distributions, grow criteria, ...
 
 Strategies register themselves with a decorator and are looked up by the config value, so the
 training loop never branches on method names (the sparse_learning / open_lth idea of one
@@ -14,7 +14,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a config name to a class (or function) and, optionally, its config schema.
+    """Maps a config name to a class (or function), optionally its config schema, and metadata.
+
+    Metadata (``register(name, **meta)``) describes an entry without importing or building it, e.g. a
+    dataset's ``kind`` or the input an architecture needs; read it with :meth:`meta`.
 
     Args:
         kind: the config key this registry serves, used in error messages (e.g. ``"method.name"``).
@@ -24,15 +27,22 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: Dict[str, Any] = {}
         self._schemas: Dict[str, Optional[type]] = {}
+        self._meta: Dict[str, Dict[str, Any]] = {}
 
-    def register(self, name: str, schema: Optional[type] = None) -> Callable[[T], T]:
-        """Decorator: register ``obj`` under ``name``; ``schema`` is a dataclass validating its config."""
+    def register(self, name: str, schema: Optional[type] = None, **meta: Any) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name``; ``schema`` is a dataclass validating its config,
+        ``meta`` free-form metadata (see :meth:`meta`).
+
+        Raises:
+            KeyError: another object is already registered under ``name``.
+        """
 
         def deco(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
                 raise KeyError(f"{self.kind}: '{name}' registered twice")
             self._entries[name] = obj
             self._schemas[name] = schema
+            self._meta[name] = dict(meta)
             return obj
 
         return deco
@@ -46,6 +56,11 @@ class Registry(Generic[T]):
     def schema(self, name: str) -> Optional[type]:
         self.get(name)
         return self._schemas[name]
+
+    def meta(self, name: str) -> Dict[str, Any]:
+        """The metadata given at registration (empty dict if none); raises ConfigError for unknown names."""
+        self.get(name)
+        return self._meta[name]
 
     def names(self):
         return sorted(self._entries)

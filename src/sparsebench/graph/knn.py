@@ -1,42 +1,23 @@
-"""k-nearest-neighbour graphs behind one interface: exact (brute, faiss flat) and approximate backends.
-
-Every backend is a :class:`NeighborBackend` strategy registered in :data:`GRAPH_BACKENDS` under its
-config name (``method.backend``):
-
-=============== ======= ==============================================================================
-name            exact   what
-=============== ======= ==============================================================================
-``brute``       yes     blocked torch matmul ``|q|^2 - 2 q.x + |x|^2`` + ``torch.topk``, CPU or CUDA;
-                        the selected neighbours' distances are recomputed exactly
-``faiss``       yes     faiss ``IndexFlatL2`` (Johnson et al. 2019)
-``faiss_ivf``   no      faiss ``IndexIVFFlat`` (inverted file over a k-means coarse quantiser)
-``faiss_hnsw``  no      faiss ``IndexHNSWFlat`` (Malkov & Yashunin 2018)
-``pynndescent`` no      NN-descent (Dong et al. 2011) as implemented by pynndescent (McInnes)
-=============== ======= ==============================================================================
+"""k-nearest-neighbour graphs and searches: the public side of :mod:`sparsebench.graph.backends`.
 
 :func:`knn_graph` returns a :class:`KnnGraph` (``(n, k)`` neighbour indices and Euclidean distances,
-the point itself excluded), :func:`knn_search` answers queries against a separate base set (the kNN
-classifier), and :func:`recall_at_k` measures an approximate graph against an exact one.
-
-pynndescent compiles its numba kernels on first use (about 30 s per new process on a 2-core CPU).
-:func:`warmup` pays that cost on tiny data so it can be kept out of timed regions; setting
-``NUMBA_CACHE_DIR`` (we default it to ``$SPARSEBENCH_CACHE/numba``) lets later processes reuse the
-part of the compilation numba can cache.
+the point itself excluded), :func:`knn_search` answers queries against a separate base set, and
+:func:`knn_classify` votes over those neighbours (the kNN classifier of document 000).
+:func:`recall_at_k` / :func:`sampled_recall` measure an approximate graph against exact search.
+Backends are chosen by name from :data:`~sparsebench.graph.backends.GRAPH_BACKENDS`; each call runs
+inside the backend's thread context, so a ``num_threads`` setting never outlives the call.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
 from sparsebench.core.errors import ConfigError, DataError
-from sparsebench.core.registry import Registry
-
-GRAPH_BACKENDS: Registry = Registry("method.backend")
+from sparsebench.graph.backends import BruteBackend, drop_self, make_backend
 
 
 @dataclass
@@ -87,304 +68,6 @@ def check_k(k: int, n: int, key: str = "k") -> None:
                           f"a point has at most n-1 neighbours")
 
 
-def drop_self(dist: np.ndarray, idx: np.ndarray, k: int, rows: Optional[np.ndarray] = None
-              ) -> Tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own index from a ``(m, k+1)`` self-query result, keeping ``k`` columns.
-
-    ``rows`` gives the point index of each result row (default ``arange(m)``). Rows that do not
-    contain their own index (exact duplicates can push it out) lose their last column.
-    """
-    m = idx.shape[0]
-    rows = np.arange(m) if rows is None else np.asarray(rows)
-    own = idx == rows[:, None]
-    drop = np.where(own.any(1), own.argmax(1), idx.shape[1] - 1)
-    keep = np.ones_like(own)
-    keep[np.arange(m), drop] = False
-    return dist[keep].reshape(m, -1)[:, :k], idx[keep].reshape(m, -1)[:, :k]
-
-
-class NeighborBackend:
-    """Strategy interface of a nearest-neighbour search backend.
-
-    Subclasses implement :meth:`fit` (build an index over ``base``, float32 ``(n, d)``) and
-    :meth:`query` (``k`` nearest base points of each query); :meth:`graph` builds the k-NN graph of
-    a set with itself (self excluded) and may be overridden when the backend has a cheaper path.
-
-    Args:
-        num_threads: threads for faiss / numba (``None``: library default).
-        seed: seeds randomised index construction (where the backend allows it).
-    """
-
-    name: ClassVar[str] = "?"
-    exact: ClassVar[bool] = False
-
-    def __init__(self, num_threads: Optional[int] = None, seed: int = 0, **params):
-        self.num_threads = num_threads
-        self.seed = int(seed)
-        self.params = params
-
-    def fit(self, base: np.ndarray) -> "NeighborBackend":  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def query(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover
-        """Return ``(distances, indices)``: float32 Euclidean and int64, both ``(m, k)``."""
-        raise NotImplementedError
-
-    def graph(self, x: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(distances, indices)`` of the k-NN graph of ``x`` with itself, self excluded, ``(n, k)``."""
-        self.fit(x)
-        d, i = self.query(x, k + 1)
-        return drop_self(d, i, k)
-
-
-# --------------------------------------------------------------------------- exact: torch brute force
-def smallest_k(d: torch.Tensor, k: int, group: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Values and column indices of the ``k`` smallest entries of each row of ``d`` ``(B, m)`` (unsorted).
-
-    Exact (up to ties) and several times cheaper than ``torch.topk`` over long rows on CPU: the
-    columns are cut into groups of ``group``; the ``k`` smallest entries of a row lie in the ``k``
-    groups with the smallest group minima (``k`` distinct groups have minima <= the k-th smallest
-    group minimum ``mu``, so the row's k-th smallest value is <= ``mu``, and every entry <= ``mu`` lies
-    in a group whose minimum is <= ``mu``). One vectorised ``amin`` pass plus two small ``topk`` calls
-    (over ``m / group`` minima, then over ``k * group`` candidates) replace a ``topk`` over ``m``.
-    """
-    B, m = d.shape
-    k = min(int(k), m)
-    if m < 8 * k * group or d.stride(1) != 1 or d.stride(0) != m:
-        return torch.topk(d, k, dim=1, largest=False, sorted=False)
-    m0 = m - m % group
-    ng = m0 // group
-    G = torch.as_strided(d, (B, ng, group), (m, group, 1))  # a view: no copy even when m % group != 0
-    _, gi = torch.topk(G.amin(2), k, dim=1, largest=False, sorted=False)
-    cand = G[torch.arange(B, device=d.device).unsqueeze(1), gi].reshape(B, k * group)
-    if m0 < m:  # the last, partial group: always a candidate
-        cand = torch.cat([cand, d[:, m0:]], 1)
-    v, j = torch.topk(cand, k, dim=1, largest=False, sorted=False)
-    in_groups = j < k * group
-    jg = torch.where(in_groups, j, 0)
-    idx = gi.gather(1, jg // group) * group + jg % group
-    if m0 < m:
-        idx = torch.where(in_groups, idx, m0 + (j - k * group))
-    return v, idx
-
-
-@GRAPH_BACKENDS.register("brute")
-class BruteBackend(NeighborBackend):
-    """Exact search by blocked matrix products in torch (CPU or CUDA).
-
-    For a block of queries, ``-2 q.x_j + |x_j|^2`` (the squared distance minus the row constant
-    ``|q|^2``) comes from one ``mm`` of ``[q, 1]`` with ``[-2 x, |x|^2]`` (no broadcast pass), the
-    point itself is set to ``inf`` for a self-graph, :func:`smallest_k` selects the ``k`` smallest per
-    row, and the selected neighbours' distances are recomputed as ``||q - x_j||`` so the expansion's
-    cancellation error never reaches the caller. Rows per block: ``block_size`` or as many as keep a
-    block of distances within ``max_block_elems`` (default 2^25 floats, 128 MiB).
-
-    Params: ``device`` (``"cpu"``, ``"cuda"``, a torch.device; default CPU), ``block_size`` (rows,
-    default: from ``max_block_elems``).
-    """
-
-    name, exact = "brute", True
-
-    def fit(self, base):
-        dev = self.params.get("device") or "cpu"
-        self.device = torch.device(dev)
-        self.base = torch.as_tensor(base, device=self.device)
-        sq = (self.base * self.base).sum(1, keepdim=True)
-        self.right = torch.cat([-2.0 * self.base, sq], 1).T.contiguous()  # (d+1, n)
-        return self
-
-    def _search(self, queries, k, exclude_self):
-        q_all = torch.as_tensor(queries, device=self.device)
-        m, n = q_all.shape[0], self.base.shape[0]
-        rows = int(self.params.get("block_size") or 0) or max(1, int(self.params.get("max_block_elems") or 2 ** 25) // n)
-        out_d = torch.empty(m, k, dtype=torch.float32, device=self.device)
-        out_i = torch.empty(m, k, dtype=torch.int64, device=self.device)
-        buf = torch.empty(min(rows, m), n, dtype=torch.float32, device=self.device)
-        ones = torch.ones(min(rows, m), 1, device=self.device)
-        for s in range(0, m, rows):
-            q = q_all[s:s + rows]
-            b = q.shape[0]
-            d = torch.mm(torch.cat([q, ones[:b]], 1), self.right, out=buf[:b]) if b == buf.shape[0] else \
-                torch.cat([q, ones[:b]], 1) @ self.right
-            if exclude_self:
-                r = torch.arange(b, device=self.device)
-                d[r, r + s] = float("inf")
-            _, idx = smallest_k(d, k)
-            dist = (q.unsqueeze(1) - self.base[idx]).norm(dim=2)
-            dist, order = dist.sort(dim=1)
-            out_d[s:s + b], out_i[s:s + b] = dist, idx.gather(1, order)
-        return out_d.cpu().numpy(), out_i.cpu().numpy()
-
-    def query(self, queries, k):
-        return self._search(queries, k, exclude_self=False)
-
-    def graph(self, x, k):
-        self.fit(x)
-        return self._search(x, k, exclude_self=True)
-
-
-# --------------------------------------------------------------------------- faiss
-class _FaissBackend(NeighborBackend):
-    def _threads(self):
-        import faiss
-
-        if self.num_threads:
-            faiss.omp_set_num_threads(int(self.num_threads))
-        return faiss
-
-    def _make_index(self, faiss, d: int, n: int):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def fit(self, base):
-        faiss = self._threads()
-        self.index = self._make_index(faiss, base.shape[1], base.shape[0])
-        if not self.index.is_trained:
-            self.index.train(base)
-        self.index.add(base)
-        return self
-
-    def query(self, queries, k):
-        d2, idx = self.index.search(queries, k)
-        idx = idx.astype(np.int64)
-        d = np.sqrt(np.maximum(d2, 0.0), dtype=np.float32)
-        d[idx < 0] = np.inf
-        return d, idx
-
-
-@GRAPH_BACKENDS.register("faiss")
-class FaissFlatBackend(_FaissBackend):
-    """Exact search with faiss ``IndexFlatL2`` (BLAS distance blocks + heap selection)."""
-
-    name, exact = "faiss", True
-
-    def _make_index(self, faiss, d, n):
-        return faiss.IndexFlatL2(d)
-
-
-@GRAPH_BACKENDS.register("faiss_ivf")
-class FaissIVFBackend(_FaissBackend):
-    """Approximate search with faiss ``IndexIVFFlat``.
-
-    Params: ``nlist`` (k-means cells; default ``4 sqrt(n)``), ``nprobe`` (cells visited per query; 8).
-    """
-
-    name, exact = "faiss_ivf", False
-
-    def _make_index(self, faiss, d, n):
-        nlist = int(self.params.get("nlist") or max(1, min(n // 39, int(4 * np.sqrt(n)))))
-        quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist)
-        index.cp.seed = self.seed
-        index.nprobe = int(self.params.get("nprobe") or 8)
-        self._quantizer = quantizer  # keep alive
-        return index
-
-
-@GRAPH_BACKENDS.register("faiss_hnsw")
-class FaissHNSWBackend(_FaissBackend):
-    """Approximate search with faiss ``IndexHNSWFlat`` (hierarchical navigable small-world graph).
-
-    Params: ``hnsw_m`` (links per node; 32), ``ef_construction`` (64), ``ef_search`` (64).
-    """
-
-    name, exact = "faiss_hnsw", False
-
-    def _make_index(self, faiss, d, n):
-        index = faiss.IndexHNSWFlat(d, int(self.params.get("hnsw_m") or 32))
-        index.hnsw.efConstruction = int(self.params.get("ef_construction") or 64)
-        index.hnsw.efSearch = int(self.params.get("ef_search") or 64)
-        return index
-
-    def query(self, queries, k):
-        self.index.hnsw.efSearch = max(int(self.params.get("ef_search") or 64), k)
-        return super().query(queries, k)
-
-
-# --------------------------------------------------------------------------- pynndescent
-def _numba_env() -> None:
-    """Point numba's on-disk cache at ``$SPARSEBENCH_CACHE/numba`` unless ``NUMBA_CACHE_DIR`` is set."""
-    if "NUMBA_CACHE_DIR" not in os.environ:
-        from sparsebench.data import cache_dir
-
-        path = cache_dir() / "numba"
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            os.environ["NUMBA_CACHE_DIR"] = str(path)
-        except OSError:
-            pass
-
-
-def import_pynndescent():
-    """Import pynndescent with numba's cache directory set (see :func:`_numba_env`)."""
-    _numba_env()
-    import pynndescent
-
-    return pynndescent
-
-
-@GRAPH_BACKENDS.register("pynndescent")
-class NNDescentBackend(NeighborBackend):
-    """Approximate k-NN graph by NN-descent (Dong, Moses & Li 2011, "Efficient k-nearest neighbor
-    graph construction for generic similarity measures"), pynndescent's implementation.
-
-    The graph of a set with itself is pynndescent's ``neighbor_graph`` (no search step). Queries of
-    new points use its search graph (``prepare`` + ``query``; compiled separately on first use).
-
-    Params: ``n_trees`` / ``n_iters`` (pynndescent defaults when ``None``), ``deterministic``
-    (pass ``random_state=seed``: reproducible but single-threaded and slower; default ``False``),
-    ``epsilon`` (query search breadth; 0.1).
-    """
-
-    name, exact = "pynndescent", False
-
-    def _index(self, data, n_neighbors):
-        pynndescent = import_pynndescent()
-        if self.num_threads:
-            import numba
-
-            numba.set_num_threads(min(int(self.num_threads), numba.config.NUMBA_NUM_THREADS))
-        rs = self.seed if self.params.get("deterministic") else None
-        return pynndescent.NNDescent(data, n_neighbors=n_neighbors, n_trees=self.params.get("n_trees"),
-                                     n_iters=self.params.get("n_iters"), random_state=rs, n_jobs=self.num_threads,
-                                     compressed=False)
-
-    def fit(self, base):
-        self.index = self._index(base, int(self.params.get("index_neighbors") or 30))
-        return self
-
-    def query(self, queries, k):
-        idx, d = self.index.query(queries, k=k, epsilon=float(self.params.get("epsilon") or 0.1))
-        return d.astype(np.float32), idx.astype(np.int64)
-
-    def graph(self, x, k):
-        self.index = self._index(x, k + 1)
-        idx, d = self.index.neighbor_graph
-        return drop_self(d.astype(np.float32), idx.astype(np.int64), k)
-
-
-def warmup(backend: str = "pynndescent", query: bool = False, **params) -> float:
-    """Run ``backend`` once on tiny random data so JIT compilation (pynndescent's numba kernels) is
-    paid outside timed regions. Returns the seconds it took (about 30 s the first time in a process
-    for pynndescent on a 2-core CPU, ~0 afterwards and for the other backends)."""
-    t0 = time.perf_counter()
-    x = np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32)
-    b = GRAPH_BACKENDS.get(backend)(**params)
-    b.graph(x, 5)
-    if query:
-        b.fit(x).query(x[:10], 5)
-    return time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------- public functions
-def make_backend(backend: str, **params) -> NeighborBackend:
-    """Instantiate the registered backend ``backend`` (ConfigError listing the names if unknown)."""
-    return GRAPH_BACKENDS.get(backend)(**params)
-
-
-def is_exact(backend: str) -> bool:
-    return bool(GRAPH_BACKENDS.get(backend).exact)
-
-
 def knn_graph(x, k: int, backend: str = "brute", **params) -> KnnGraph:
     """The k-NN graph of the rows of ``x`` (each point's ``k`` nearest other points).
 
@@ -404,9 +87,10 @@ def knn_graph(x, k: int, backend: str = "brute", **params) -> KnnGraph:
     x = _as_float32(x)
     check_k(k, x.shape[0])
     b = make_backend(backend, **params)
-    t0 = time.perf_counter()
-    d, i = b.graph(x, int(k))
-    seconds = time.perf_counter() - t0
+    with b.threads():
+        t0 = time.perf_counter()
+        d, i = b.graph(x, int(k))
+        seconds = time.perf_counter() - t0
     return KnnGraph(np.ascontiguousarray(i, dtype=np.int64), np.ascontiguousarray(d, dtype=np.float32),
                     backend, b.exact, seconds)
 
@@ -424,11 +108,12 @@ def knn_search(base, queries, k: int, backend: str = "brute", **params):
     if not 1 <= int(k) <= base.shape[0]:
         raise ConfigError(f"k={k}: must be in [1, {base.shape[0]}] (the number of base points)")
     b = make_backend(backend, **params)
-    t0 = time.perf_counter()
-    b.fit(base)
-    t1 = time.perf_counter()
-    d, i = b.query(queries, int(k))
-    t2 = time.perf_counter()
+    with b.threads():
+        t0 = time.perf_counter()
+        b.fit(base)
+        t1 = time.perf_counter()
+        d, i = b.query(queries, int(k))
+        t2 = time.perf_counter()
     return d, i, t1 - t0, t2 - t1
 
 
@@ -464,3 +149,30 @@ def sampled_recall(graph: KnnGraph, x, sample: int = 2000, seed: int = 0, **para
     _, i = drop_self(d, i, graph.k, rows=rows)
     return recall_at_k(graph.indices, i, rows=rows)
 
+
+# --------------------------------------------------------------------------- kNN classifier
+def knn_vote(idx: np.ndarray, train_y: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
+    """Majority vote over neighbour indices ``idx`` ``(m, k)`` (nearest first; ``-1`` = empty slot)
+    of training labels ``train_y``; ties go to the class of the nearer neighbours. Returns ``(m,)``."""
+    train_y = np.asarray(train_y)
+    C = int(num_classes or train_y.max() + 1)
+    lab = np.where(idx >= 0, train_y[np.maximum(idx, 0)], -1)
+    votes = np.zeros((len(lab), C), dtype=np.float64)
+    k = idx.shape[1]
+    rank_bonus = 1e-3 / (1.0 + np.arange(k))  # < 1 in total: only breaks ties, nearer first
+    for j in range(k):
+        ok = lab[:, j] >= 0
+        votes[np.flatnonzero(ok), lab[ok, j]] += 1.0 + rank_bonus[j]
+    return votes.argmax(1)
+
+
+def knn_classify(train_x, train_y, test_x, k: int = 5, backend: str = "brute", num_classes: Optional[int] = None,
+                 **params) -> Tuple[np.ndarray, float, float]:
+    """k-nearest-neighbour classifier: :func:`knn_vote` over the ``k`` nearest training points found by
+    ``backend`` (:func:`knn_search`).
+
+    Returns:
+        ``(predictions (m,) int64, build_seconds, query_seconds)``.
+    """
+    _, idx, t_build, t_query = knn_search(train_x, test_x, k, backend=backend, **params)
+    return knn_vote(idx, train_y, num_classes), t_build, t_query

@@ -11,10 +11,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sparsebench.data import DataBundle, load_dataset
+from sparsebench.data.augment import build_augmentation
 from sparsebench.core.io import MetricsLog
 from sparsebench.sparsity.masking import Masking
 from sparsebench.models import build_model
-from sparsebench.training.trainer import Callback, Trainer, set_seed
+from sparsebench.core.seeding import set_seed
+from sparsebench.training.callbacks import Callback
+from sparsebench.training.trainer import Trainer
 
 
 @dataclass
@@ -43,16 +46,20 @@ class RunContext:
         return Masking(model, exclude=list(self.cfg.model.dense_layers))
 
     def trainer(self, model: nn.Module, masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (),
-                prefix: str = "", seed_offset: int = 0, start_step: int = 0, trainer_cfg=None) -> Trainer:
-        """A :class:`Trainer` on this run's data, device and metrics log (``trainer_cfg`` overrides the config).
+                prefix: str = "", seed_offset: int = 0, start_step: int = 0, trainer_cfg=None,
+                data: Optional[DataBundle] = None) -> Trainer:
+        """A :class:`Trainer` on this run's data, device and metrics log (``trainer_cfg`` overrides the config,
+        ``data`` the run's dataset, e.g. a method's own re-split).
 
         Its checkpoint file is ``checkpoints/<prefix or 'train'>.pt`` in the run directory, so every phase
         of a method (e.g. each IMP round) resumes on its own after an interruption.
         """
-        return Trainer(trainer_cfg if trainer_cfg is not None else self.cfg.trainer, model, self.data, self.device,
+        return Trainer(trainer_cfg if trainer_cfg is not None else self.cfg.trainer, model,
+                       data if data is not None else self.data, self.device,
                        masking=masking, callbacks=callbacks, seed=int(self.cfg.seed) + seed_offset,
                        metrics=self.metrics, prefix=prefix, start_step=start_step,
-                       checkpoint=str(self.checkpoint_path(prefix.strip("/").replace("/", "_") or "train")))
+                       checkpoint=str(self.checkpoint_path(prefix.strip("/").replace("/", "_") or "train")),
+                       augment=build_augmentation(self.cfg.dataset))
 
     def checkpoint_path(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / f"{name}.pt"

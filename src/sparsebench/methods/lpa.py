@@ -1,8 +1,11 @@
 """``method=knn_lpa`` / ``method=kann_lpa``: label spreading on an exact / approximate k-NN graph.
 
-Document 000's semi-supervised pipeline (see :mod:`sparsebench.graph.spreading`): [0, 1] scaling, PCA, a seeded
-mask hiding ``mask_fraction`` of the labels, a k-NN graph, label spreading, accuracy on the hidden
-labels (``acc_masked``) and on all points (``acc_all``).
+Document 000's semi-supervised pipeline: a seeded mask hiding ``mask_fraction`` of the labels, then
+:class:`sparsebench.graph.estimator.LabelSpreading` ([0, 1] scaling, PCA, a k-NN graph, label
+spreading; the one owner of the pipeline), accuracy on the hidden labels (``acc_masked``) and on all
+points (``acc_all``). :class:`LPAConfig` is the one settings object: :meth:`LPAConfig.estimator`
+builds the estimator from it by the estimator's own parameter names (two config keys keep the
+document's names, :data:`CONFIG_KEYS`), and the estimator validates those parameters.
 
 Data: label propagation is transductive, so by default (``splits: all``) the train, validation and
 test splits of the dataset are pooled (MNIST: 60 000 + 10 000 = 70 000 images, as in the
@@ -24,13 +27,20 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from sparsebench.config import DatasetConfig, MethodConfig, _check
-from sparsebench.data import load_dataset
+from sparsebench.config import DatasetConfig, MethodConfig, check as _check
 from sparsebench.core.errors import ConfigError
-from sparsebench.graph.knn import GRAPH_BACKENDS
-from sparsebench.graph.spreading import EDGE_WEIGHTS, PCA_SOLVERS, PROPAGATORS, LPASettings, run_lpa
+from sparsebench.data import load_dataset
+from sparsebench.graph.backends import backend_names
+from sparsebench.graph.estimator import LabelSpreading, warmup_pipeline
+from sparsebench.graph.knn import check_k, sampled_recall
+from sparsebench.graph.spreading import mask_labels
 from sparsebench.methods import METHODS
 from sparsebench.methods.base import Method
+
+#: estimator parameter -> config key, where the config keeps document 000's name
+CONFIG_KEYS = {"n_neighbors": "k", "graph": "backend"}
+#: estimator parameters supplied by the run, not by config keys
+RUN_PARAMS = ("graph_params", "random_state", "callback")
 
 
 @dataclass
@@ -58,29 +68,13 @@ class LPAConfig(MethodConfig):
     log_iterations: bool = True  # write the per-iteration residual to metrics.csv
 
     def __post_init__(self):
-        _check(self.k >= 1, "method.k", self.k, "must be >= 1")
-        _check(0.0 < self.alpha < 1.0, "method.alpha", self.alpha, "the clamping factor must be in (0, 1)")
+        self.estimator().check_params({p: f"method.{CONFIG_KEYS.get(p, p)}" for p in LabelSpreading._get_param_names()})
         _check(0.0 < self.mask_fraction < 1.0, "method.mask_fraction", self.mask_fraction,
                "the masked fraction must be in (0, 1)")
-        _check(self.pca_components is None or self.pca_components >= 1, "method.pca_components",
-               self.pca_components, "must be >= 1 or null")
-        _check(self.pca_solver in PCA_SOLVERS, "method.pca_solver", self.pca_solver,
-               f"unknown (allowed: {', '.join(PCA_SOLVERS.names())})")
         _check(self.splits in ("all", "train"), "method.splits", self.splits, "unknown (allowed: all, train)")
         _check(self.n_samples is None or self.n_samples >= 2, "method.n_samples", self.n_samples, "must be >= 2 or null")
-        _check(self.solver in PROPAGATORS, "method.solver", self.solver,
-               f"unknown (allowed: {', '.join(PROPAGATORS.names())})")
-        _check(self.max_iter >= 1, "method.max_iter", self.max_iter, "must be >= 1")
-        _check(self.tol >= 0, "method.tol", self.tol, "must be >= 0 (0 disables early stopping)")
-        _check(self.cg_rtol > 0, "method.cg_rtol", self.cg_rtol, "must be > 0")
-        _check(self.weighting in EDGE_WEIGHTS, "method.weighting", self.weighting,
-               f"unknown (allowed: {', '.join(EDGE_WEIGHTS.names())})")
-        _check(self.heat_neighbor >= 1, "method.heat_neighbor", self.heat_neighbor, "must be >= 1")
         _check(self.block_size is None or self.block_size >= 1, "method.block_size", self.block_size, "must be >= 1 or null")
-        _check(self.backend in GRAPH_BACKENDS, "method.backend", self.backend,
-               f"unknown (allowed: {', '.join(GRAPH_BACKENDS.names())})")
-        exact = [b for b in GRAPH_BACKENDS.names() if GRAPH_BACKENDS.get(b).exact]
-        approx = [b for b in GRAPH_BACKENDS.names() if not GRAPH_BACKENDS.get(b).exact]
+        exact, approx = backend_names(exact=True), backend_names(exact=False)
         if self.name == "knn_lpa":
             _check(self.backend in exact, "method.backend", self.backend,
                    f"knn_lpa needs an exact backend ({', '.join(exact)}); use method=kann_lpa for {', '.join(approx)}")
@@ -90,7 +84,18 @@ class LPAConfig(MethodConfig):
                    f"{', '.join(exact)}")
 
     def backend_params(self) -> dict:
-        return {"block_size": self.block_size, "num_threads": self.num_threads}
+        """Graph-backend parameters of this config (``LabelSpreading(graph_params=...)``)."""
+        return {"block_size": self.block_size}
+
+    def estimator(self, seed: int = 0, device=None, callback=None) -> LabelSpreading:
+        """The :class:`LabelSpreading` of this config: every estimator parameter read from the config key
+        of the same name (or its :data:`CONFIG_KEYS` name); ``device`` goes to the ``brute`` backend."""
+        params = {p: getattr(self, CONFIG_KEYS.get(p, p)) for p in LabelSpreading._get_param_names()
+                  if p not in RUN_PARAMS}
+        graph_params = {k: v for k, v in self.backend_params().items() if v is not None}
+        if self.backend == "brute" and device is not None:
+            graph_params["device"] = device
+        return LabelSpreading(**params, graph_params=graph_params, random_state=seed, callback=callback)
 
 
 @dataclass
@@ -148,34 +153,35 @@ def load_pool(dataset_cfg, seed: int, splits: str = "all", n_samples: Optional[i
 
 
 class _LPAMethod(Method):
-    """Shared run(): one summary row with timings, iterations, accuracies and recall@k."""
-
-    def settings(self) -> LPASettings:
-        c = self.cfg
-        params = {k: v for k, v in c.backend_params().items() if v is not None}
-        if c.backend == "brute":
-            params["device"] = self.ctx.device
-        return LPASettings(k=c.k, alpha=c.alpha, mask_fraction=c.mask_fraction, scale=c.scale,
-                           pca_components=c.pca_components, pca_solver=c.pca_solver, backend=c.backend,
-                           solver=c.solver, max_iter=c.max_iter, tol=c.tol, cg_rtol=c.cg_rtol,
-                           weighting=c.weighting, heat_neighbor=c.heat_neighbor,
-                           recall_sample=int(getattr(c, "recall_sample", 0)), backend_params=params)
+    """Shared run(): mask, fit :meth:`LPAConfig.estimator`, one summary row with timings, iterations,
+    accuracies and (approximate backends) recall@k."""
 
     def run(self) -> pd.DataFrame:
-        c = self.cfg
         # the validated method node is a DictConfig; rebuild the dataclass for its helper methods
-        schema = METHODS.schema(c.name)
-        self.cfg = schema(**OmegaConf.to_container(c, resolve=True))
-        c = self.cfg
-        if c.num_threads:
-            torch.set_num_threads(int(c.num_threads))
+        c = self.cfg = METHODS.schema(self.cfg.name)(**OmegaConf.to_container(self.cfg, resolve=True))
         seed = int(self.ctx.cfg.seed)
         x, y, C = load_pool(self.ctx.cfg.dataset, seed, c.splits, c.n_samples)
         if c.pca_components and c.pca_components > min(x.shape):
             raise ConfigError(f"method.pca_components={c.pca_components}: must be <= {min(x.shape)} "
                               f"(min of samples and features of {self.ctx.cfg.dataset.name})")
+        check_k(c.k, len(y), key="method.k")
+        labelled = mask_labels(y, c.mask_fraction, seed, C, key="method.mask_fraction")
         log = (lambda it, r: self.ctx.metrics.log(it, {"residual": r})) if c.log_iterations else None
-        out = run_lpa(x, y, self.settings(), seed=seed, num_classes=C, callback=log)
+        est = c.estimator(seed, device=self.ctx.device, callback=log)
+        t_warm = warmup_pipeline(est)
+        est.fit(x, np.where(labelled, y, -1))
+
+        g, t = est.graph_, est.timings_
+        recall = float("nan")
+        if not g.exact and getattr(c, "recall_sample", 0):
+            recall = sampled_recall(g, est.X_, sample=c.recall_sample, seed=seed)
+        pred, hidden = est.transduction_, ~labelled
+        out = {"n": len(y), "n_labelled": int(labelled.sum()), "features": int(est.X_.shape[1]),
+               "pca_seconds": t["pca"], "graph_seconds": t["graph"], "propagation_seconds": t["propagation"],
+               "solve_seconds": t["solve"], "total_seconds": t["total"], "warmup_seconds": t_warm,
+               "iterations": est.n_iter_, "converged": est.converged_, "residual": est.residual_,
+               "acc_masked": float((pred[hidden] == y[hidden]).mean()), "acc_all": float((pred == y).mean()),
+               "recall": recall, "edges": est.n_edges_}
         return pd.DataFrame([self.row(backend=c.backend, k=c.k, alpha=c.alpha, mask_fraction=c.mask_fraction,
                                       pca_components=c.pca_components or 0, solver=c.solver, tol=c.tol,
                                       weighting=c.weighting, **out)])

@@ -1,47 +1,45 @@
-"""Layer-wise density budgets: how many weights each prunable layer keeps for a global density.
+"""Sparsity distributions: how many weights each prunable layer keeps for a global density.
 
-Every budget returns exact per-layer *counts* ``{name: k_l}`` with ``sum(k_l) == round(density * N)``
-(N = all prunable weights), so the realised global density equals the target to one weight:
-ideal real-valued counts are rounded by the largest-remainder method within each layer's cap.
+A distribution (``method.distribution``, registry :data:`DISTRIBUTIONS`) is a small class with its own
+parameters that gives real-valued per-layer densities; :func:`layer_counts` turns them into exact
+per-layer *counts* ``{name: k_l}`` with ``sum(k_l) == round(density * N)`` (N = all prunable weights),
+so the realised global density equals the target to one weight: ideal real-valued counts are rounded
+by the largest-remainder method within each layer's cap. Positions are chosen elsewhere
+(:func:`random_masks`, or a method's own scores).
 
-Budgets (``method.budget``):
-
-* ``uniform``: every layer at ``density``.
-* ``uniform+``: first layer dense, output layer at least 20% dense (at most 80% sparse), the other
-  layers share the rest uniformly (Gale, Elsen & Hooker 2019).
-* ``er``: Erdős–Rényi (Mocanu et al. 2018): density_l ∝ (n_in + n_out) / (n_in * n_out).
-* ``erk``: Erdős–Rényi-Kernel (Evci et al. 2020, RigL): density_l ∝ sum(shape) / prod(shape),
-  kernel dims included; layers whose density would exceed 1 are made dense and the scale eps is
-  solved again for the rest until no layer saturates (the loop of ``rigl/sparse_utils.py``).
-* ``erk+``: ERK with a dense output layer.
-* ``snip_ratio``: layer densities of SNIP's global top-k of connection sensitivity |w * g|
-  (needs ``scores``); positions are chosen elsewhere (random), only the ratios are kept (003).
-* ``global``: one density over all layers; counts here are uniform, positions from a global ranking.
+Distributions: ``uniform``, ``uniform+`` (Gale et al. 2019), ``er`` (Mocanu et al. 2018), ``erk``
+and ``erk+`` (Evci et al. 2020), ``snip_ratio`` (document 003). ``global`` is not a distribution but
+a selection scope (``method.scope``, :mod:`sparsebench.sparsity.selection`): asking for it raises.
 
 Layers whose names match ``dense`` fnmatch patterns are kept dense and count towards the budget.
+
+Adding one: subclass :class:`Distribution` as a dataclass whose fields are its parameters, implement
+:meth:`Distribution.densities`, and register it with ``@DISTRIBUTIONS.register("name")``.
 """
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import math
-from typing import Dict, Iterable, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Iterable, Optional
 
 import torch
 
 from sparsebench.core.errors import ConfigError
-from sparsebench.sparsity.masking import Masking, topk_mask
 from sparsebench.core.registry import Registry
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.scores import RandomScore
+from sparsebench.sparsity.selection import SCOPES, global_topk_masks, layer_topk_masks
 
-BUDGETS: Registry = Registry("method.budget")
+DISTRIBUTIONS: Registry = Registry("method.distribution")
 
 
-def _shapes(masking: Masking) -> Dict[str, torch.Size]:
-    return {n: w.shape for n, w, _ in masking.items()}
-
-
-def _solve(numel: Dict[str, int], raw: Dict[str, float], total_keep: float, fixed: Dict[str, float]) -> Dict[str, float]:
+# --------------------------------------------------------------------------- the solver
+def solve_densities(numel: Dict[str, int], raw: Dict[str, float], total_keep: float,
+                    fixed: Dict[str, float]) -> Dict[str, float]:
     """Real-valued densities ``d_l = min(1, eps * raw_l)`` (layers in ``fixed`` take their given density)
-    with ``sum d_l n_l = total_keep``; saturated layers become dense and eps is re-solved.
+    with ``sum d_l n_l = total_keep``; saturated layers become dense and eps is re-solved until none
+    saturates (the loop of google-research/rigl ``sparse_utils.get_sparsities``).
 
     Raises:
         ConfigError: the fixed layers alone exceed the budget (density too low for the constraints).
@@ -87,76 +85,68 @@ def _round_counts(numel: Dict[str, int], dens: Dict[str, float], target: int) ->
     return counts
 
 
-def layer_counts(masking: Masking, density: float, budget: str = "erk", dense: Iterable[str] = (),
-                 scores: Optional[Dict[str, torch.Tensor]] = None, erk_power_scale: float = 1.0) -> Dict[str, int]:
-    """Number of active weights per prunable layer for global ``density`` under ``budget``.
+def _numel(masking: Masking) -> Dict[str, int]:
+    return {n: w.numel() for n, w, _ in masking.items()}
+
+
+# --------------------------------------------------------------------------- the distributions
+@dataclass
+class Distribution:
+    """Base class; dataclass fields are the distribution's parameters (passed as ``**params`` to
+    :func:`layer_counts`).
+
+    Attributes:
+        needs_scores: the distribution reads per-weight scores (``scores=`` parameter), so a method
+            without scores cannot offer it.
+    """
+
+    needs_scores: ClassVar[bool] = False
+
+    def densities(self, masking: Masking, density: float, fixed: Dict[str, float], target: int) -> Dict[str, float]:
+        """Real-valued per-layer densities in [0, 1] for every prunable layer of ``masking``.
+
+        Args:
+            masking: the prunable layers (names, shapes, order; the last is the output layer).
+            density: the global target in (0, 1].
+            fixed: ``{name: density}`` of layers held fixed (the ``dense`` patterns: 1.0).
+            target: the number of active weights, ``max(#layers, round(density * N))``.
+
+        Raises:
+            ConfigError: the target cannot be met under the distribution's constraints.
+        """
+        raise NotImplementedError
+
+
+@DISTRIBUTIONS.register("uniform")
+@dataclass
+class Uniform(Distribution):
+    """Every layer at the same density (layers held fixed take their share first)."""
+
+    def densities(self, masking, density, fixed, target):
+        numel = _numel(masking)
+        return solve_densities(numel, {n: 1.0 for n in numel}, target, fixed)
+
+
+@DISTRIBUTIONS.register("uniform+")
+@dataclass
+class UniformPlus(Distribution):
+    """Uniform with the first layer dense and the output layer at density at least ``output_floor``
+    (Gale, Elsen & Hooker 2019, "The State of Sparsity in Deep Neural Networks": at most 80% sparse).
 
     Args:
-        masking: defines the prunable layers (names and shapes).
-        density: global target in (0, 1] over all prunable weights.
-        budget: one of :data:`BUDGETS` (``uniform``, ``uniform+``, ``er``, ``erk``, ``erk+``, ``snip_ratio``, ``global``).
-        dense: fnmatch patterns of layer names kept fully dense.
-        scores: ``{name: tensor of the weight's shape}``, needed by ``snip_ratio``.
-        erk_power_scale: ERK's exponent on the raw ratio (1.0 = standard ERK).
-
-    Returns:
-        ``{name: k}`` with ``sum(k) == round(density * N)``.
-
-    Raises:
-        ConfigError: density outside (0, 1], unknown budget, or a budget that cannot be met.
+        output_floor: minimum density of the output layer (default 0.2).
     """
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"method.density={density!r}: density must be in (0, 1]")
-    numel = {n: s.numel() for n, s in _shapes(masking).items()}
-    total = sum(numel.values())
-    target = max(len(numel), int(round(density * total)))
-    fixed = {n: 1.0 for n in numel if any(fnmatch.fnmatch(n, p) for p in dense)}
-    dens = BUDGETS.get(budget)(masking, density, fixed=fixed, target=target, scores=scores,
-                               erk_power_scale=erk_power_scale)
-    return _round_counts(numel, dens, target)
 
+    output_floor: float = 0.2
 
-def layer_densities(masking: Masking, density: float, budget: str = "erk", **kw) -> Dict[str, float]:
-    """Per-layer densities (``count / numel``) of :func:`layer_counts`."""
-    counts = layer_counts(masking, density, budget, **kw)
-    return {n: counts[n] / w.numel() for n, w, _ in masking.items()}
-
-
-def random_masks(masking: Masking, counts: Dict[str, int], generator: Optional[torch.Generator] = None
-                 ) -> Dict[str, torch.Tensor]:
-    """Uniformly random masks with exactly ``counts[name]`` active positions per layer."""
-    out = {}
-    for n, w, _ in masking.items():
-        scores = torch.rand(w.shape, generator=generator)
-        out[n] = topk_mask(scores, counts[n]).to(w.device)
-    return out
-
-
-# --------------------------------------------------------------------------- the budgets
-def _numel(masking):
-    return {n: s.numel() for n, s in _shapes(masking).items()}
-
-
-@BUDGETS.register("uniform")
-def _uniform(masking, density, fixed, target, **_):
-    numel = _numel(masking)
-    return _solve(numel, {n: 1.0 for n in numel}, target, fixed)
-
-
-@BUDGETS.register("global")
-def _global(masking, density, fixed, target, **_):
-    return _uniform(masking, density, fixed, target)
-
-
-@BUDGETS.register("uniform+")
-def _uniform_plus(masking, density, fixed, target, **_):
-    numel = _numel(masking)
-    names = list(numel)
-    fixed = dict(fixed)
-    fixed.setdefault(names[0], 1.0)
-    if len(names) > 1:
-        fixed.setdefault(names[-1], max(density, 0.2))
-    return _solve(numel, {n: 1.0 for n in numel}, target, fixed)
+    def densities(self, masking, density, fixed, target):
+        numel = _numel(masking)
+        names = list(numel)
+        fixed = dict(fixed)
+        fixed.setdefault(names[0], 1.0)
+        if len(names) > 1:
+            fixed.setdefault(names[-1], max(density, self.output_floor))
+        return solve_densities(numel, {n: 1.0 for n in numel}, target, fixed)
 
 
 def _erk_raw(shape: torch.Size, kernel: bool, power: float) -> float:
@@ -164,36 +154,152 @@ def _erk_raw(shape: torch.Size, kernel: bool, power: float) -> float:
     return (sum(dims) / math.prod(dims)) ** power
 
 
-@BUDGETS.register("er")
-def _er(masking, density, fixed, target, erk_power_scale=1.0, **_):
-    shapes = _shapes(masking)
-    return _solve(_numel(masking), {n: _erk_raw(s, False, erk_power_scale) for n, s in shapes.items()}, target, fixed)
+@DISTRIBUTIONS.register("er")
+@dataclass
+class ER(Distribution):
+    """Erdős–Rényi (Mocanu et al. 2018, "Scalable training of artificial neural networks with adaptive
+    sparse connectivity inspired by network science"): ``d_l ∝ ((n_in + n_out) / (n_in n_out)) ** p``,
+    kernel dims ignored; saturated layers become dense and the scale is solved again.
+
+    Args:
+        erk_power_scale: the exponent ``p`` (1.0 = standard ER).
+    """
+
+    erk_power_scale: float = 1.0
+    kernel: ClassVar[bool] = False
+
+    def densities(self, masking, density, fixed, target):
+        raw = {n: _erk_raw(w.shape, self.kernel, self.erk_power_scale) for n, w, _ in masking.items()}
+        return solve_densities(_numel(masking), raw, target, fixed)
 
 
-@BUDGETS.register("erk")
-def _erk(masking, density, fixed, target, erk_power_scale=1.0, **_):
-    shapes = _shapes(masking)
-    return _solve(_numel(masking), {n: _erk_raw(s, True, erk_power_scale) for n, s in shapes.items()}, target, fixed)
+@DISTRIBUTIONS.register("erk")
+@dataclass
+class ERK(ER):
+    """Erdős–Rényi-Kernel (Evci et al. 2020, "Rigging the Lottery", RigL):
+    ``d_l ∝ (sum(shape) / prod(shape)) ** p`` with the kernel dims included; layers whose density would
+    exceed 1 are made dense and the scale is solved again until none saturates.
+
+    Args:
+        erk_power_scale: the exponent ``p`` (1.0 = standard ERK; RigL's ``erk_power_scale``).
+    """
+
+    kernel: ClassVar[bool] = True
 
 
-@BUDGETS.register("erk+")
-def _erk_plus(masking, density, fixed, target, erk_power_scale=1.0, **_):
-    fixed = {**fixed, masking.output_layer: 1.0}
-    return _erk(masking, density, fixed, target, erk_power_scale)
+@DISTRIBUTIONS.register("erk+")
+@dataclass
+class ERKPlus(ERK):
+    """ERK (Evci et al. 2020) with a dense output layer."""
+
+    def densities(self, masking, density, fixed, target):
+        return super().densities(masking, density, {**fixed, masking.output_layer: 1.0}, target)
 
 
-@BUDGETS.register("snip_ratio")
-def _snip_ratio(masking, density, fixed, target, scores=None, **_):
-    if scores is None:
-        raise ConfigError("method.budget=snip_ratio: needs SNIP scores (use method=random_prune or snip)")
-    names = list(_numel(masking))
-    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
-    keep = topk_mask(flat, target)
-    out, i = {}, 0
-    for n in names:
-        k = scores[n].numel()
-        out[n] = float(keep[i:i + k].sum()) / k
-        i += k
-    for n in fixed:
-        out[n] = 1.0
-    return out
+@DISTRIBUTIONS.register("snip_ratio")
+@dataclass
+class SnipRatio(Distribution):
+    """The per-layer densities of SNIP's global top-k of connection sensitivity ``|w * g|`` (Lee et al.
+    2019); positions are chosen elsewhere (random), only the ratios are kept (document 003, section III).
+    Layers held fixed are set dense after the ranking (the rounding then trims the others).
+
+    Args:
+        scores: ``{name: tensor of the weight's shape}`` (e.g. :class:`~sparsebench.sparsity.scores.SnipScore`).
+
+    Raises:
+        ConfigError: no scores given.
+    """
+
+    scores: Optional[Dict[str, torch.Tensor]] = None
+    needs_scores: ClassVar[bool] = True
+
+    def densities(self, masking, density, fixed, target):
+        if self.scores is None:
+            raise ConfigError("method.distribution=snip_ratio: needs SNIP scores (use method=random_prune or snip)")
+        keep = global_topk_masks({n: self.scores[n] for n in masking.names}, target)
+        out = {n: float(keep[n].sum()) / keep[n].numel() for n in masking.names}
+        for n in fixed:
+            out[n] = 1.0
+        return out
+
+
+# --------------------------------------------------------------------------- public helpers
+def get_distribution(name: str) -> type:
+    """The :class:`Distribution` class registered as ``name``.
+
+    Raises:
+        ConfigError: unknown name (one line naming ``method.distribution`` and the allowed names; a
+            selection scope such as ``global`` is pointed to ``method.scope``).
+    """
+    if name not in DISTRIBUTIONS and name in SCOPES:
+        raise ConfigError(f"method.distribution={name!r}: {name!r} is a selection scope (method.scope of "
+                          f"magnitude / lth_imp; snip ranks globally), not a sparsity distribution "
+                          f"(allowed: {', '.join(DISTRIBUTIONS.names())})")
+    return DISTRIBUTIONS.get(name)
+
+
+def check_distribution(name: str) -> None:
+    """For config schemas: raise :class:`ConfigError` unless ``name`` is a registered distribution."""
+    get_distribution(name)
+
+
+def build_distribution(name: str, **params) -> Distribution:
+    """An instance of distribution ``name`` built from the ``params`` it declares (others are ignored,
+    so a method can pass all of its distribution keys, e.g. ``erk_power_scale`` and ``scores``).
+
+    Raises:
+        ConfigError: unknown distribution.
+        TypeError: a parameter that no registered distribution declares (a typo).
+    """
+    cls = get_distribution(name)
+    known = {f.name for n in DISTRIBUTIONS.names() for f in dataclasses.fields(DISTRIBUTIONS.get(n))}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise TypeError(f"distribution parameters {unknown}: declared by no distribution (known: {sorted(known)})")
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in own})
+
+
+def layer_counts(masking: Masking, density: float, distribution: str = "erk", dense: Iterable[str] = (),
+                 **params) -> Dict[str, int]:
+    """Number of active weights per prunable layer for global ``density`` under ``distribution``.
+
+    Args:
+        masking: defines the prunable layers (names and shapes).
+        density: global target in (0, 1] over all prunable weights.
+        distribution: a name of :data:`DISTRIBUTIONS` (``uniform``, ``uniform+``, ``er``, ``erk``, ``erk+``,
+            ``snip_ratio``, or one registered later).
+        dense: fnmatch patterns of layer names kept fully dense.
+        **params: the distribution's parameters (see :func:`build_distribution`), e.g.
+            ``erk_power_scale=1.0`` (ER/ERK exponent), ``scores={name: tensor}`` (``snip_ratio``).
+
+    Returns:
+        ``{name: k}`` with ``sum(k) == max(#layers, round(density * N))``, each ``1 <= k <= numel``.
+
+    Raises:
+        ConfigError: density outside (0, 1], unknown distribution, or one that cannot be met.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"method.density={density!r}: density must be in (0, 1]")
+    dist = build_distribution(distribution, **params)
+    numel = _numel(masking)
+    target = max(len(numel), int(round(density * sum(numel.values()))))
+    fixed = {n: 1.0 for n in masking.matching(dense)}
+    return _round_counts(numel, dist.densities(masking, density, fixed=fixed, target=target), target)
+
+
+def layer_densities(masking: Masking, density: float, distribution: str = "erk", **kw) -> Dict[str, float]:
+    """Per-layer densities (``count / numel``) of :func:`layer_counts` (same arguments)."""
+    counts = layer_counts(masking, density, distribution, **kw)
+    return {n: counts[n] / w.numel() for n, w, _ in masking.items()}
+
+
+def random_masks(masking: Masking, counts: Dict[str, int], generator: Optional[torch.Generator] = None
+                 ) -> Dict[str, torch.Tensor]:
+    """Uniformly random masks with exactly ``counts[name]`` active positions per layer.
+
+    Scores are drawn on the CPU from ``generator`` layer by layer in module order
+    (:class:`~sparsebench.sparsity.scores.RandomScore`); masks are returned on each weight's device.
+    """
+    masks = layer_topk_masks(RandomScore(generator)(masking), counts)
+    return {n: masks[n].to(w.device) for n, w, _ in masking.items()}

@@ -14,7 +14,7 @@ a :class:`SparseLinear` holding only the active weights in a sparse layout and c
   consecutive input weights of a row) via ``torch.sparse.to_sparse_semi_structured``: the sparse
   tensor cores of NVIDIA GPUs with compute capability >= 8.0 (Ampere and later), fp16/bf16 weights
   only. Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks" (arXiv:2104.08378). Prune with
-  :func:`sparsebench.sparsity.masking.nm_masks` first. CUDA only: on CPU it raises :class:`ConfigError`.
+  :func:`sparsebench.sparsity.selection.nm_masks` first. CUDA only: on CPU it raises :class:`ConfigError`.
 * ``dense``: mask applied, dense storage; ``auto``: CSR where the layer's density is at most
   ``max_density``, dense otherwise (at 50% density a CSR product is slower than the dense GEMM on CPU).
 
@@ -114,7 +114,8 @@ def check_semi_structured(w: torch.Tensor, name: str = "weight") -> None:
     bad = nm_violations(w, 2, 4)
     if bad:
         raise ConfigError(f"layout=semi_structured: {name} of shape {tuple(w.shape)} breaks the 2:4 pattern in "
-                          f"{bad} of {w.numel() // 4} groups of 4 input weights (prune with sparsebench.sparsity.masking.nm_masks)")
+                          f"{bad} of {w.numel() // 4} groups of 4 input weights "
+                          f"(prune with sparsebench.sparsity.selection.nm_masks)")
 
 
 class SparseLinear(nn.Module):
@@ -212,7 +213,7 @@ def export_sparse(model: nn.Module, layout: str = "csr", max_density: float = 0.
         model: the (masked) network; it is not modified.
         layout: ``csr`` | ``coo`` | ``bsr`` (block-sparse rows) | ``semi_structured`` (2:4, CUDA with
             compute capability >= 8.0, fp16/bf16, weights already 2:4 sparse, e.g. from
-            :func:`~sparsebench.sparsity.masking.nm_masks`; Mishra et al. 2021) | ``dense`` (mask applied, dense
+            :func:`~sparsebench.sparsity.selection.nm_masks`; Mishra et al. 2021) | ``dense`` (mask applied, dense
             storage) | ``auto`` (CSR where the layer's density is at most ``max_density``, dense otherwise).
         max_density: threshold of ``auto``.
         blocksize: ``(b, b)`` of ``bsr``, the same for every layer, square (MKL on CPU and cuSPARSE on

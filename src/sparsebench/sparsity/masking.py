@@ -11,8 +11,12 @@ every checkpoint) and keeps the invariant *pruned weights are exactly zero*:
   the forward pass (``scripts/bench_train.py`` measures the cost against that reference);
 * :meth:`set_mask` writes a new mask and zeroes the weights it removes at once.
 
-Methods only compute new masks (scores + :func:`topk_mask`); the training loop never branches on
-the method. Idea after Dettmers & Zettlemoyer's ``Masking`` class (sparse_learning), written anew.
+Methods only compute new masks (:mod:`sparsebench.sparsity.scores` +
+:mod:`sparsebench.sparsity.selection`); the training loop never branches on the method. Idea after
+Dettmers & Zettlemoyer's ``Masking`` class (sparse_learning), written anew.
+
+The one neuron-level accounting of masks (units left with no incoming / no outgoing active
+connection) is :func:`unit_connectivity` and :func:`neuron_accounting` here.
 """
 from __future__ import annotations
 
@@ -22,29 +26,7 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-from sparsebench.core.errors import ConfigError
-
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask (same shape/dtype as ``scores``, float 0/1) keeping exactly the ``k`` largest scores.
-
-    Ties are broken by ``torch.topk``'s order, so the count is exact: ``mask.sum() == k``.
-    Use ``-inf`` scores for positions that must not be kept.
-    """
-    flat = scores.reshape(-1)
-    k = int(max(0, min(k, flat.numel())))
-    mask = torch.zeros_like(flat, dtype=torch.float32)
-    if k > 0:
-        idx = torch.topk(flat.float(), k, sorted=False).indices
-        mask[idx] = 1.0
-    return mask.view_as(scores)
-
-
-def num_to_keep(numel: int, density: float) -> int:
-    """Number of active weights for a layer of ``numel`` weights at ``density`` (rounded, at least 1)."""
-    return max(1, min(numel, int(round(density * numel))))
 
 
 class Masking:
@@ -93,6 +75,11 @@ class Masking:
     @property
     def output_layer(self) -> str:
         return self.names[-1]
+
+    def matching(self, patterns: Iterable[str]) -> List[str]:
+        """Prunable names (module order) matching any of the fnmatch ``patterns``."""
+        patterns = list(patterns)
+        return [n for n in self.names if any(fnmatch.fnmatch(n, p) for p in patterns)]
 
     # ------------------------------------------------------------------ invariants
     @torch.no_grad()
@@ -162,14 +149,13 @@ class Masking:
         return 1.0 - self.density()
 
     def dead_units(self) -> Dict[str, Dict[str, int]]:
-        """Per layer: output units with no active incoming connection and input units with no active
-        outgoing connection (neuron-level accounting, T003-neurons)."""
+        """Per layer: counts of output units with no active incoming connection (``no_incoming``), of
+        input units with no active outgoing connection (``no_outgoing``) and of output units
+        (``units``); see :func:`unit_connectivity`."""
         out = {}
         for n, m in self._modules.items():
-            mk = m.weight_mask.reshape(m.weight_mask.shape[0], m.weight_mask.shape[1], -1)
-            out[n] = {"no_incoming": int((mk.sum(dim=(1, 2)) == 0).sum()),
-                      "no_outgoing": int((mk.sum(dim=(0, 2)) == 0).sum()),
-                      "units": int(mk.shape[0])}
+            no_in, no_out = unit_connectivity(m.weight_mask)
+            out[n] = {"no_incoming": int(no_in.sum()), "no_outgoing": int(no_out.sum()), "units": int(no_in.numel())}
         return out
 
     # ------------------------------------------------------------------ optimizer state
@@ -183,67 +169,63 @@ class Masking:
                 v.masked_fill_(positions, 0)
 
 
-def magnitude_masks(masking: Masking, densities: Dict[str, float], among_active: bool = True) -> Dict[str, torch.Tensor]:
-    """Layer-wise magnitude pruning: per layer keep the ``round(d * numel)`` largest ``|w|``.
 
-    With ``among_active`` pruned weights can never come back (their score is -inf).
-    """
-    out = {}
-    for name, w, m in masking.items():
-        score = w.detach().abs().float()
-        if among_active:
-            score = torch.where(m > 0, score, torch.full_like(score, -float("inf")))
-        out[name] = topk_mask(score, num_to_keep(w.numel(), densities[name]))
-    return out
+# --------------------------------------------------------------------------- neuron accounting
+def unit_connectivity(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Units of one layer cut off by its mask.
 
-
-def nm_masks(masking: Masking, n: int = 2, m: int = 4) -> Dict[str, torch.Tensor]:
-    """N:M structured magnitude pruning: in every group of ``m`` consecutive weights along the input
-    dimension keep the ``n`` largest ``|w|`` (2:4 by default, the pattern of the sparse tensor cores).
-
-    A Linear weight ``(out, in)`` is grouped as ``(out, in / m, m)``; a convolution weight
-    ``(out, in, *kernel)`` is flattened per output row to ``(out, in * prod(kernel))`` and grouped the
-    same way (groups run over the flattened ``(in, *kernel)`` in memory order). Scores are the current
-    ``|w|``; pruned weights are zero and so rank last, but a group is always filled up to ``n`` (ties
-    broken by ``torch.topk``'s order). Every layer ends at density exactly ``n / m``.
-
-    Source: Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks" (arXiv:2104.08378), and
-    NVIDIA's ASP ``m4n2_1d`` mask; written anew. Export with
-    ``sparsebench.sparsity.export.export_sparse(model, "semi_structured")`` on a CUDA GPU.
+    Args:
+        mask: ``(out, in, *kernel)`` 0/1 mask of a weight.
 
     Returns:
-        ``{name: float 0/1 mask of the weight's shape}`` for every prunable weight of ``masking``.
-
-    Raises:
-        ConfigError: ``n`` / ``m`` not ints with ``0 < n <= m``, or a layer whose (flattened) input
-            dimension is not divisible by ``m`` (the message names it; exclude it from the
-            :class:`Masking`, e.g. the first conv with 3 input channels).
+        ``(no_incoming, no_outgoing)``: bool ``(out,)``, output units with no active incoming connection
+        (a unit's row of the mask is all zero), and bool ``(in,)``, input units with no active outgoing
+        connection (a column is all zero).
     """
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-        raise ConfigError(f"nm_masks n={n!r}, m={m!r}: need ints with 0 < n <= m")
-    out = {}
-    for name, w, _ in masking.items():
-        rows = w.shape[0]
-        cols = w.numel() // max(1, rows)
-        if cols % m:
-            raise ConfigError(f"nm_masks m={m}: {name} of shape {tuple(w.shape)} has an input dimension of {cols} "
-                              f"(flattened per output row), not divisible by {m}; exclude it from the Masking")
-        groups = w.detach().abs().float().reshape(rows, cols // m, m)
-        keep = groups.topk(n, dim=-1, sorted=False).indices
-        mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
-        out[name] = mask.reshape(w.shape)
-    return out
+    mk = mask.reshape(mask.shape[0], mask.shape[1], -1)
+    return mk.sum(dim=(1, 2)) == 0, mk.sum(dim=(0, 2)) == 0
 
 
-def global_magnitude_masks(masking: Masking, density: float) -> Dict[str, torch.Tensor]:
-    """Global magnitude pruning: keep the ``round(density * total)`` largest ``|w|`` over all layers."""
+def neuron_accounting(masking: Masking) -> Dict[str, float]:
+    """Per-layer neuron-level accounting of the current masks (flat ``{metric/layer: value}``).
+
+    For every prunable layer ``n`` with weight ``(out, in, ...)``:
+
+    * ``units_no_in/<n>``: fraction of its ``out`` units with no active incoming connection;
+    * ``units_no_out/<n>``: fraction of its ``in`` units with no active outgoing connection.
+
+    For every hidden layer of a chain of consecutive prunable ``nn.Linear`` layers whose shapes connect
+    (``out`` of layer l == ``in`` of layer l+1, as in an MLP), ``hidden_dead/<n>`` is the fraction of
+    the units produced by layer ``n`` that have no incoming *or* no outgoing connection, i.e. that
+    carry no information forward (document 003, "neuron pruning"); ``hidden_dead_all`` pools them
+    (absent when there is no such pair).
+
+    Returns:
+        dict of floats in [0, 1].
+    """
+    out: Dict[str, float] = {}
     items = masking.items()
-    scores = [torch.where(m > 0, w.detach().abs().float(), torch.full_like(w, -float("inf"), dtype=torch.float32))
-              .reshape(-1) for _, w, m in items]
-    flat = torch.cat(scores)
-    keep = topk_mask(flat, num_to_keep(flat.numel(), density))
-    out, i = {}, 0
-    for (name, w, _), s in zip(items, scores):
-        out[name] = keep[i:i + s.numel()].view_as(w)
-        i += s.numel()
+    no_in, no_out = {}, {}
+    for name, _, mask in items:
+        no_in[name], no_out[name] = unit_connectivity(mask)
+        out[f"units_no_in/{name}"] = float(no_in[name].float().mean())
+        out[f"units_no_out/{name}"] = float(no_out[name].float().mean())
+    dead_total, units_total = 0, 0
+    for (a, wa, _), (b, wb, _) in zip(items[:-1], items[1:]):
+        if isinstance(masking.module(a), nn.Linear) and isinstance(masking.module(b), nn.Linear) \
+                and wa.shape[0] == wb.shape[1]:
+            dead = no_in[a] | no_out[b]
+            out[f"hidden_dead/{a}"] = float(dead.float().mean())
+            dead_total += int(dead.sum())
+            units_total += dead.numel()
+    if units_total:
+        out["hidden_dead_all"] = dead_total / units_total
     return out
+
+
+def mask_statistics(masking: Masking) -> Dict[str, float]:
+    """Summary-row columns of the current masks: ``density/<layer>`` per layer plus
+    :func:`neuron_accounting`."""
+    vals = {f"density/{n}": d for n, d in masking.layer_densities().items()}
+    vals.update(neuron_accounting(masking))
+    return vals

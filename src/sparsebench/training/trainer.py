@@ -4,95 +4,30 @@ The loop knows nothing of methods: pruning and sparse-training strategies act th
 :class:`~sparsebench.sparsity.masking.Masking` (attached to the optimizer) and :class:`Callback` hooks
 (``on_after_backward`` sees the dense gradients before the step; ``on_step_end`` may change masks).
 Data are in-memory tensors, shuffled with a seeded ``torch.Generator``, so the same seed on CPU gives
-bit-identical metrics.
+bit-identical metrics. Process-wide setup (device, torchrun process group, cuDNN flags) is not done
+here but once per run by :func:`sparsebench.training.runtime.setup_run`.
 """
 from __future__ import annotations
 
 import math
-import random
+import sys
 import time
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sparsebench.config import TrainerConfig
-from sparsebench.data import DataBundle, Split
-from sparsebench.core.errors import ConfigError, TrainingError
-from sparsebench.core.io import MetricsLog
+from sparsebench.config.schemas import TrainerConfig
+from sparsebench.core.seeding import rng_state, set_rng_state
+from sparsebench.data.registry import DataBundle, Split
+from sparsebench.data.augment import augment_generator
+from sparsebench.core.errors import TrainingError
+from sparsebench.core.io import MetricsLog, load_torch
 from sparsebench.sparsity.masking import Masking
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Raises ConfigError for CUDA on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r}: CUDA is not available on this machine (use auto or cpu)")
-    return torch.device(name)
-
-
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch CPU (and CUDA) global RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Callback:
-    """Hooks into :class:`Trainer`; override what you need. ``trainer.step`` is the global step."""
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-
-    def on_after_backward(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer") -> None: ...
-
-    def on_epoch_end(self, trainer: "Trainer") -> None: ...
-
-    def on_resume(self, trainer: "Trainer") -> None:
-        """Called instead of ``on_train_start`` when training continues from a checkpoint (after
-        :meth:`load_state_dict`)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def build_optimizer(cfg: TrainerConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_lambda(cfg: TrainerConfig, total_steps: int):
-    """Multiplicative LR factor per step: constant, cosine to 0, or step decay by ``gamma`` at milestones."""
-    if cfg.schedule == "cosine":
-        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    if cfg.schedule == "step":
-        marks = [int(m * total_steps) for m in cfg.milestones]
-        return lambda s: cfg.gamma ** sum(s >= m for m in marks)
-    return lambda s: 1.0
+from sparsebench.training.callbacks import Callback
+from sparsebench.training.optim import LOSSES, build_optimizer, build_scheduler
+from sparsebench.training.runtime import Preempted, stop_requested
 
 
 class Trainer:
@@ -101,6 +36,8 @@ class Trainer:
     Args:
         cfg: validated trainer config; ``iterations`` overrides ``epochs`` when set.
         model: the network (moved to ``device``).
+        device: this rank's device, as returned by :func:`~sparsebench.training.runtime.setup_run`; under
+            torchrun (process group joined) the model is wrapped in DistributedDataParallel.
         data: in-memory dataset; moved to the device when ``cfg.data_on_device``.
         masking: optional; attached to the optimizer so pruned weights stay exactly zero.
         callbacks: strategy hooks (see :class:`Callback`).
@@ -108,21 +45,37 @@ class Trainer:
         metrics: long-format log; rows are named ``<prefix>train_loss``, ``<prefix>test_acc``, ...
         start_step: first step (the LR schedule continues from there; used for late rewinding).
         checkpoint: file for the full training state, written atomically every ``cfg.checkpoint_every``
-            epochs and at the end; when it exists at :meth:`fit`, training resumes from it exactly.
+            epochs, every ``cfg.checkpoint_every_steps`` steps (mid-epoch), on a stop signal
+            (:func:`~sparsebench.training.runtime.stop_signals`) and at the end; when it exists at
+            :meth:`fit`, training resumes from it exactly (a corrupt newest file falls back to the
+            previous one, :func:`~sparsebench.core.io.load_torch`). Wall time accumulates across resumes.
+        augment: optional :class:`~sparsebench.data.augment.Augmentation` applied on the device to every
+            training batch (never at evaluation); its generator's state is part of the checkpoint.
 
     Raises:
         TrainingError: non-finite loss (names the step).
+        Preempted: a stop signal arrived; raised at the next step boundary after the checkpoint is written.
     """
 
     def __init__(self, cfg: TrainerConfig, model: nn.Module, data: DataBundle, device: torch.device,
                  masking: Optional[Masking] = None, callbacks: Iterable[Callback] = (), seed: int = 0,
                  metrics: Optional[MetricsLog] = None, prefix: str = "", start_step: int = 0,
-                 checkpoint: Optional[str] = None):
+                 checkpoint: Optional[str] = None, augment=None):
         from sparsebench.core import distributed
 
-        device = distributed.init_from_env(device)
         self.cfg, self.device, self.seed = cfg, device, seed
         self.model = model.to(device)
+        self.sparse = None  # issue 14: masked Linear layers trained truly sparse (trainer.sparse_kernels)
+        if cfg.sparse_kernels and masking is not None:
+            from sparsebench.core.errors import ConfigError
+            from sparsebench.sparsity.sparse_linear import sparsify_for_training
+
+            callbacks = list(callbacks)
+            if callbacks:
+                raise ConfigError("trainer.sparse_kernels=true: static masks only (method callbacks would change "
+                                  "the replaced dense layers); see sparsebench.sparsity.sparse_linear.set_update")
+            self.sparse = sparsify_for_training(self.model, masking)
+            masking = self.sparse.masking  # the layers that stayed masked-dense (or None)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.ddp = None
         if self.world > 1:
@@ -136,8 +89,6 @@ class Trainer:
         self.channels_last = bool(cfg.channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
         # masks are applied in place around optimizer steps, never inside forward, so the compiled
         # graph stays valid when masks change
         self.forward = (torch.compile(self.ddp or self.model, backend=cfg.compile_backend) if cfg.compile
@@ -153,23 +104,28 @@ class Trainer:
         n = len(self.data.train)
         self.steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
         self.total_steps = cfg.iterations or cfg.epochs * self.steps_per_epoch
-        factor = lr_lambda(cfg, self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s + start_step))
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, start_step)
         self.generator = torch.Generator().manual_seed(seed)
+        # training-batch augmentation (sparsebench.data.augment), drawn from its own generator on the device
+        self.augment = augment
+        self.aug_generator = augment_generator(seed, device) if augment is not None else None
+        self.best = {"best_val_acc": float("nan"), "best_epoch": 0, "test_acc_at_best_val": float("nan")}
         self.step = start_step  # > 0 when resuming from a rewind point (LTH with k > 0)
         self.epoch = 0
         self.batch: Optional[tuple] = None  # (x, y) of the current step, for callbacks
         self.loss: Optional[torch.Tensor] = None
         self.time_in_callbacks = 0.0
-        self.time_training = 0.0
+        self.time_training = 0.0  # seconds, accumulated over every process that trained this phase
+        self._time_before = 0.0  # of them, the seconds of earlier processes (from the checkpoint)
+        self._t_start: Optional[float] = None
+        self._epoch_pos: Optional[dict] = None  # mid-epoch position of a checkpoint (see fit)
         self.checkpoint = checkpoint
         self.last_checkpoint: Optional[str] = None
 
     # ------------------------------------------------------------------ pieces
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.cfg.loss == "mse":
-            return F.mse_loss(out, F.one_hot(y, out.shape[1]).to(out.dtype))
-        return F.cross_entropy(out, y)
+        """The ``trainer.loss`` of logits ``out (N, C)`` and labels ``y (N,)`` (registry ``LOSSES``)."""
+        return LOSSES.get(self.cfg.loss)(out, y)
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> Dict[str, float]:
@@ -192,6 +148,14 @@ class Trainer:
         self.model.train(was)
         return {"loss": total_loss / len(split), "acc": correct / len(split)}
 
+    def evaluate_splits(self, splits: Iterable[str] = ("val", "test")) -> Dict[str, float]:
+        """:meth:`evaluate` on each named split of ``self.data`` (``train`` / ``val`` / ``test``), in order:
+        ``{<split>_loss, <split>_acc, ...}``."""
+        out: Dict[str, float] = {}
+        for s in splits:
+            out.update({f"{s}_{k}": v for k, v in self.evaluate(getattr(self.data, s)).items()})
+        return out
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             last = (f"last good checkpoint: {self.last_checkpoint} (epoch {self._ckpt_epoch})" if self.last_checkpoint
@@ -208,7 +172,14 @@ class Trainer:
                 "generator": self.generator.get_state(), "rng": rng_state(),
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
                 "metrics_rows": len(self.metrics.rows) if self.metrics is not None else 0,
-                "time_in_callbacks": self.time_in_callbacks}
+                "time_in_callbacks": self.time_in_callbacks, "best": dict(self.best),
+                "aug_generator": self.aug_generator.get_state() if self.aug_generator is not None else None,
+                "time_training": self._elapsed(), "epoch_pos": self._epoch_pos}
+
+    def _elapsed(self) -> float:
+        """Training seconds so far: earlier processes' (checkpoint) plus this one's."""
+        now = time.perf_counter() - self._t_start if self._t_start is not None else 0.0
+        return self._time_before + now
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -222,6 +193,11 @@ class Trainer:
         if self.metrics is not None:
             del self.metrics.rows[int(state["metrics_rows"]):]
         self.time_in_callbacks = float(state.get("time_in_callbacks", 0.0))
+        self.best = dict(state.get("best", self.best))
+        if self.aug_generator is not None and state.get("aug_generator") is not None:
+            self.aug_generator.set_state(state["aug_generator"].cpu())
+        self._time_before = float(state.get("time_training", 0.0))
+        self._epoch_pos = state.get("epoch_pos")
 
     _ckpt_epoch = 0
 
@@ -237,14 +213,23 @@ class Trainer:
         self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
 
     def maybe_resume(self) -> bool:
-        """Load ``self.checkpoint`` if it exists; returns whether training resumed."""
-        import os
+        """Load ``self.checkpoint`` (or, when it is corrupt or truncated, its previous version) if it
+        exists; returns whether training resumed. With no readable file this phase's metrics rows
+        (its ``prefix``, or all rows after ``start_step`` without one) are dropped and it starts over."""
+        from sparsebench.core.io import previous_path
 
-        if self.checkpoint and os.path.isfile(self.checkpoint):
-            self.load_state_dict(torch.load(self.checkpoint, map_location=self.device, weights_only=False))
-            self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
-            return True
-        return False
+        if not self.checkpoint:
+            return False
+        existed = any(p.is_file() for p in (Path(self.checkpoint), previous_path(self.checkpoint)))
+        state = load_torch(self.checkpoint, map_location=self.device) if existed else None
+        if state is None:
+            if existed and self.metrics is not None:
+                keep = (lambda r: not r[1].startswith(self.prefix)) if self.prefix else (lambda r: r[0] <= self.step)
+                self.metrics.rows[:] = [r for r in self.metrics.rows if keep(r)]
+            return False
+        self.load_state_dict(state)
+        self.last_checkpoint, self._ckpt_epoch = self.checkpoint, self.epoch
+        return True
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.batch = (x, y)
@@ -286,7 +271,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict[str, float]:
-        """Train until ``total_steps``; returns final ``{val_acc, test_acc, test_loss, ...}``."""
+        """Train until ``total_steps``; returns final ``{val_acc, test_acc, test_loss, ...}`` and the best
+        evaluated epoch by validation accuracy: ``best_val_acc``, ``best_epoch``, ``test_acc_at_best_val``."""
         self.model.train()
         resumed = self.maybe_resume()
         if self.ddp is not None:
@@ -298,20 +284,83 @@ class Trainer:
                 cb.on_resume(self)
             else:
                 cb.on_train_start(self)
+        self._warn_empty_layers()
         train = self.data.train
         n, bs = len(train), self.cfg.batch_size
-        t_start = time.perf_counter()
-        while self.step < self.total_steps:
+        self._t_start = time.perf_counter()
+        bar = self._progress_bar()
+        try:
+            self._loop(train, n, bs, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.time_training = self._elapsed()
+        final = self.evaluate_splits(("val", "test"))
+        final["train_seconds"] = self.time_training
+        final["steps"] = self.step
+        final.update(self.best)  # best validation epoch beside the final one (NaN / 0 without a val split)
+        return final
+
+    def _progress_bar(self):
+        """A tqdm bar over the steps (``trainer.progress``; null = when stderr is a terminal; rank 0 only)."""
+        from sparsebench.core.distributed import is_main
+
+        on = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
+        if not on or not is_main():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.prefix.rstrip("/") or "train",
+                    unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def _warn_empty_layers(self) -> None:
+        """One warning line per masked layer with no active weight (the network is disconnected there)."""
+        if self.masking is None:
+            return
+        for name, (active, total) in self.masking.counts().items():
+            if total and not active:
+                print(f"warning: layer {name} has no active weight (density 0 of {total}): the network is "
+                      f"disconnected there and its outputs do not depend on the input", file=sys.stderr, flush=True)
+
+    def _step_boundary(self, gen_state, i: int, running: torch.Tensor, steps: int) -> None:
+        """After a step: checkpoint mid-epoch every ``checkpoint_every_steps`` steps or on a stop signal
+        (then raise :class:`Preempted`). The checkpoint holds the epoch's position (the data-order
+        generator before this epoch's permutation, the next batch index, the running loss), so the
+        resumed run continues the same epoch bit-exactly."""
+        sig = stop_requested()
+        every = self.cfg.checkpoint_every_steps
+        due = bool(every) and self.step % every == 0 and self.step < self.total_steps
+        if not (sig or due) or not self.checkpoint:
+            if sig:
+                raise Preempted(f"{sig} at step {self.step}; no checkpoint file configured")
+            return
+        self._epoch_pos = {"generator": gen_state, "i": i, "running": running.detach().cpu().clone(), "steps": steps}
+        try:
+            self.save_checkpoint()
+        finally:
+            self._epoch_pos = None
+        if sig:
+            raise Preempted(f"{sig} at step {self.step} (epoch {self.epoch + 1}); checkpoint "
+                            f"{self.checkpoint} written; rerun the same command to resume")
+
+    def _loop(self, train, n: int, bs: int, bar) -> None:
+        while self.step < self.total_steps or self._epoch_pos is not None:  # (stopped after the last step)
+            pos, self._epoch_pos = self._epoch_pos, None
+            if pos is not None:  # resumed mid-epoch: redraw this epoch's permutation, continue at batch i
+                self.generator.set_state(pos["generator"])
+            gen_state = self.generator.get_state()
             perm = torch.randperm(n, generator=self.generator).to(train.x.device)
-            running = torch.zeros((), device=self.device)
-            steps = 0
-            for i in range(0, n, bs):
+            running = pos["running"].to(self.device) if pos is not None else torch.zeros((), device=self.device)
+            steps = pos["steps"] if pos is not None else 0
+            for i in range(pos["i"] if pos is not None else 0, n, bs):
                 if self.step >= self.total_steps:
                     break
                 idx = perm[i:i + bs]
                 x, y = train.x[idx], train.y[idx]
                 if x.device != self.device:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.augment is not None:  # training batches only; evaluate() never augments
+                    x = self.augment(x, self.aug_generator)
                 try:
                     running += self.train_step(x, y)
                 except torch.cuda.OutOfMemoryError as err:
@@ -321,6 +370,9 @@ class Trainer:
                         f"model {type(self.model).__name__} ({n_params / 1e6:.1f}M parameters) on {self.device}; "
                         f"lower trainer.batch_size or enable trainer.amp") from err
                 steps += 1
+                if bar is not None:
+                    bar.update(1)
+                self._step_boundary(gen_state, i + bs, running, steps)
             self.epoch += 1
             if self.cfg.nan_check:
                 self._check_finite(running)
@@ -329,17 +381,19 @@ class Trainer:
             last = self.step >= self.total_steps
             if last or self.epoch % self.cfg.eval_every == 0:
                 m = {"train_loss": float(running) / max(1, steps), "lr": self.scheduler.get_last_lr()[0]}
-                m.update({f"val_{k}": v for k, v in self.evaluate(self.data.val).items()})
-                m.update({f"test_{k}": v for k, v in self.evaluate(self.data.test).items()})
-                if self.masking is not None:
-                    m["density"] = self.masking.density()
+                m.update(self.evaluate_splits(("val", "test")))
+                if self.sparse is not None or self.masking is not None:
+                    m["density"] = (self.sparse or self.masking).density()
+                if self.masking is not None and self.metrics is not None and self.metrics.sinks:  # W&B only
+                    self.metrics.log(self.step, {f"{self.prefix}density/{k}": a / t for k, (a, t)
+                                                 in self.masking.counts().items()}, store=False)
+                if bar is not None:
+                    bar.set_postfix(loss=m["train_loss"], val_acc=m["val_acc"], refresh=False)
+                if m["val_acc"] > self.best["best_val_acc"] or (math.isnan(self.best["best_val_acc"])
+                                                               and not math.isnan(m["val_acc"])):
+                    self.best = {"best_val_acc": m["val_acc"], "best_epoch": self.epoch,
+                                 "test_acc_at_best_val": m["test_acc"]}
                 self._log(m)
             every = self.cfg.checkpoint_every
             if self.checkpoint and (last or (every and self.epoch % every == 0)):
                 self.save_checkpoint()
-        self.time_training = time.perf_counter() - t_start
-        final = {f"val_{k}": v for k, v in self.evaluate(self.data.val).items()}
-        final.update({f"test_{k}": v for k, v in self.evaluate(self.data.test).items()})
-        final["train_seconds"] = self.time_training
-        final["steps"] = self.step
-        return final

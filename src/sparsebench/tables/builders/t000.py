@@ -1,14 +1,15 @@
-"""Builders of document 000's kNN / label-propagation tables (T000-*).
+"""Builders of document 000's tables: kNN / label propagation (T000-lpa-*, T000-k-sweep, T000-knn) and
+randomized pruning (T000-random-prune).
 
-Spec keys used beyond the common ones (see :mod:`sparsebench.tables`):
+Spec keys used beyond the common ones (see :mod:`sparsebench.tables.spec`):
 
-``labels``   one setting name per entry of ``runs`` (default: ``backend/solver``)
-``metrics``  summary columns reported per setting (default: :data:`LPA_METRICS`)
-``reported`` ``{label: {metric: value}}``, the document's numbers (strings allowed: ``"< 6.2"``)
-``knn``      T000-knn only: ``dataset``, ``sizes``, ``k``, ``backends``, ``pca_components``, ``seeds``
+``metrics``  summary columns reported per cell (default: :data:`LPA_METRICS`)
+``knn``      T000-knn only: ``dataset``, ``sizes``, ``k``, ``backends``, ``pca_components``, ``seeds``,
+             ``reported`` (``{backend: {metric: value}}``)
 
-:func:`lpa_table` serves every label-spreading table; :func:`k_sweep` adds the figure of accuracy and
-time against k; :func:`knn_classifier` measures the kNN classifier itself (its spec has ``runs: []``).
+:func:`lpa_table` serves every label-spreading table (one setting per cell, named by its label, with
+the cell's ``reported`` values); :func:`k_sweep` adds the figure of accuracy and time against k;
+:func:`knn_classifier` measures the kNN classifier itself (its spec has no rows).
 Figures are written next to the CSV as ``results/<ID>.png`` (matplotlib, Agg backend).
 """
 from __future__ import annotations
@@ -18,43 +19,32 @@ from typing import List
 import numpy as np
 import pandas as pd
 
-from sparsebench.tables import pyplot, rows, save_figure
+from sparsebench.tables.figures import pyplot, save_figure
+from sparsebench.tables.schema import rows
 
 LPA_METRICS = ["acc_masked", "acc_all", "total_seconds", "pca_seconds", "graph_seconds", "propagation_seconds",
                "iterations", "recall"]
 EXTRA = ["backend", "solver", "k", "weighting", "tol"]
 
 
-def _label(spec: dict, i: int, df: pd.DataFrame) -> str:
-    labels = spec.get("labels") or []
-    if i < len(labels):
-        return str(labels[i])
-    r = df.iloc[0]
-    return f"{r.backend}/{r.solver}"
-
-
-def _reported(spec: dict, label: str, metric: str):
-    rep = (spec.get("reported") or {}).get(label) or {}
-    return rep.get(metric, "")
-
-
 def lpa_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, metric): mean/std over the mask seeds beside the document's value.
+    """One row per (cell, metric): mean/std over the mask seeds beside the cell's ``reported`` value.
 
     Extra columns: ``backend``, ``solver``, ``k``, ``weighting``, ``tol``, ``dataset``.
     """
     out: List[dict] = []
     metrics = spec.get("metrics") or LPA_METRICS
     if runs.empty:
-        return pd.DataFrame([rows(spec, "no runs finished", m, [], _reported(spec, "", m)) for m in metrics])
-    for i, df in runs.groupby("run_index", sort=True):
-        label = _label(spec, int(i), df)
+        return pd.DataFrame([rows(spec, "no runs finished", m, [], "") for m in metrics])
+    reported = {c.label: c.reported for c in spec["cells"]}
+    for _, df in runs.groupby("cell", sort=True):
+        label = str(df["label"].iloc[0])
         first = df.iloc[0]
         extra = {c: first[c] for c in EXTRA if c in df.columns}
         extra["dataset"] = first["dataset"]
         for m in metrics:
             vals = df[m].astype(float).tolist() if m in df.columns else []
-            rep = _reported(spec, label, m)
+            rep = reported.get(label, {}).get(m, "")
             if m == "recall" and not any(v == v for v in vals) and rep == "":
                 continue  # exact backend: recall is 1 by definition and not measured
             out.append(rows(spec, label, m, vals, rep, **extra))
@@ -90,7 +80,7 @@ def k_sweep(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """T000-knn: kNN classification with exact vs approximate neighbours (measured here, ``runs: []``).
+    """T000-knn: kNN classification with exact vs approximate neighbours (measured here; the spec has no rows).
 
     For each training-set size (a seeded subset of the training split) and backend: PCA fitted on the
     training subset, index build and query of the full test split timed separately (warm-up of
@@ -100,8 +90,9 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """
     from sparsebench.config import DatasetConfig
     from sparsebench.data import default_data_root, load_dataset
-    from sparsebench.graph.knn import knn_search, recall_at_k, warmup
-    from sparsebench.graph.spreading import knn_vote, pca_fit
+    from sparsebench.graph.backends import warmup
+    from sparsebench.graph.knn import knn_search, knn_vote, recall_at_k
+    from sparsebench.graph.pca import pca_fit
 
     p = spec.get("knn") or {}
     name = p.get("dataset", "mnist")
@@ -137,7 +128,7 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
                              "recall": recall_at_k(ii, exact_i)})
     df = pd.DataFrame(recs)
     out = []
-    reported = spec.get("reported") or {}
+    reported = p.get("reported") or {}
     for (bk, n), g in df.groupby(["backend", "n_train"], sort=True):
         setting = f"{bk} n_train={n}"
         for m in ("accuracy", "build_seconds", "query_seconds", "recall"):
@@ -162,3 +153,29 @@ def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     fig.tight_layout()
     save_figure(fig, spec, dpi=120)
     return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- T000 randomized pruning
+T000_REPORTED = {"none": 0.8768, "threshold": 0.8663, "random": 0.6456, "importance_random": 0.7806,
+                 "fractional_threshold": 0.8747}
+
+
+def t000_random_prune(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T000-random-prune: test accuracy per strategy (mean over seeds of each seed's mean over random
+    draws) beside the document's FashionMNIST values; the ordering of the document
+    (none > fractional threshold > threshold > importance-weighted random > random) is checked."""
+    mean = runs.groupby("strategy")["test_acc"].mean()
+    rep_order = sorted(T000_REPORTED, key=lambda k: -T000_REPORTED[k])
+    meas_order = [k for k in sorted(mean.index, key=lambda k: -mean[k]) if k in T000_REPORTED]
+    holds = meas_order == [k for k in rep_order if k in meas_order]
+    note = "measured: " + " > ".join(meas_order) + "; reported: " + " > ".join(rep_order)
+    out = []
+    for strat, g in runs.groupby("strategy", sort=False):
+        out.append(rows(spec, strat, "test_acc", g["test_acc"].tolist(), T000_REPORTED.get(strat, ""),
+                        strategy=strat, layer=g["layer"].iloc[0], fraction=float(g["fraction"].iloc[0]),
+                        pruned=float(g["pruned"].mean()), layer_size=int(g["layer_size"].iloc[0]),
+                        draws=int(g["draws"].iloc[0]), within_draw_std=float(g["test_acc_std"].mean()),
+                        ordering_holds=holds, note=note))
+    return pd.DataFrame(out)
+
+

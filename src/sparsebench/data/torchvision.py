@@ -1,7 +1,4 @@
-"""Datasets as in-memory tensors: Iris/Digits (scikit-learn) and MNIST/FashionMNIST/CIFAR-100 (torchvision).
-
-All datasets become a :class:`DataBundle` of float32 feature tensors and int64 labels with a seeded
-train/val/test split, small enough to keep on the training device (no DataLoader workers).
+"""Image datasets through torchvision: MNIST, FashionMNIST (IDX files) and CIFAR-100 (pickles).
 
 Image data live under ``dataset.root`` (default ``$SPARSEBENCH_DATA``, else ``./data``) in
 torchvision's layout: ``<root>/MNIST/raw/*-ubyte[.gz]``, ``<root>/FashionMNIST/raw/...``,
@@ -15,67 +12,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
+import pickle
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from sparsebench.data._torchvision import import_torchvision
-from sparsebench.config import DatasetConfig
 from sparsebench.core.errors import DataError
 from sparsebench.core.io import atomic_write
+from sparsebench.data._torchvision import import_torchvision
+from sparsebench.data.registry import DATASETS, DataBundle, DatasetInfo, Split, cache_dir, register_dataset, subset
 
-IMAGE_STATS = {  # per-channel mean/std of the training images (standard values)
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-@dataclass
-class Split:
-    """Features ``x``: float32 ``(N, F)`` (tabular) or ``(N, C, H, W)`` (images); labels ``y``: int64 ``(N,)``."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def to(self, device) -> "Split":
-        return Split(self.x.to(device), self.y.to(device))
-
-
-@dataclass
-class DataBundle:
-    name: str
-    kind: str  # "tabular" | "image"
-    train: Split
-    val: Split
-    test: Split
-    num_classes: int
-
-    @property
-    def input_shape(self) -> Tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-    def to(self, device) -> "DataBundle":
-        return DataBundle(self.name, self.kind, self.train.to(device), self.val.to(device), self.test.to(device),
-                          self.num_classes)
-
-
-def default_data_root() -> str:
-    """``$SPARSEBENCH_DATA`` if set, else ``./data``."""
-    return os.environ.get("SPARSEBENCH_DATA", "./data")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSEBENCH_CACHE", Path.home() / ".cache" / "sparsebench"))
-
+if TYPE_CHECKING:  # pragma: no cover
+    from sparsebench.config.schemas import DatasetConfig
 
 def _md5(path: Path) -> str:
     h = hashlib.md5()
@@ -85,46 +35,13 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- tabular
-def _load_tabular(cfg: DatasetConfig, seed: int) -> DataBundle:
-    from sklearn.datasets import load_digits, load_iris
-    from sklearn.model_selection import train_test_split
-
-    loader = {"iris": load_iris, "digits": load_digits}[cfg.name]
-    x, y = loader(return_X_y=True)
-    x = x.astype(np.float32)
-    split_seed = seed if cfg.split_seed is None else cfg.split_seed
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=cfg.test_fraction, random_state=split_seed, stratify=y)
-    if cfg.val_fraction > 0:
-        x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=cfg.val_fraction, random_state=split_seed,
-                                                  stratify=y_tr)
-    else:
-        x_va, y_va = x_tr[:0], y_tr[:0]
-    if cfg.standardize:
-        mu, sd = x_tr.mean(0), x_tr.std(0)
-        sd[sd == 0] = 1.0
-        x_tr, x_va, x_te = [(a - mu) / sd for a in (x_tr, x_va, x_te)]
-
-    def mk(a, b):
-        return Split(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), torch.from_numpy(b.astype(np.int64)))
-
-    train, val, test = mk(x_tr, y_tr), mk(x_va, y_va), mk(x_te, y_te)
-    train = _subset(train, cfg.train_subset, split_seed)
-    test = _subset(test, cfg.test_subset, split_seed)
-    return DataBundle(cfg.name, "tabular", train, val, test, int(y.max()) + 1)
-
-
-# --------------------------------------------------------------------------- images
-_TV_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar100": "CIFAR100"}
-
-
-def _missing_message(cfg: DatasetConfig, root: Path, files) -> str:
+def _missing_message(cfg: "DatasetConfig", root: Path, files) -> str:
     return (f"dataset {cfg.name}: missing {', '.join(files)} under {root} "
             f"(place the files there, set SPARSEBENCH_DATA or dataset.root to their parent directory, "
             f"or use dataset.download=true where a network is available)")
 
 
-def _prepare_idx_root(cfg: DatasetConfig, root: Path, tv_cls) -> Path:
+def _prepare_idx_root(cfg: "DatasetConfig", root: Path, tv_cls) -> Path:
     """Return a root under which ``<Class>/raw`` holds the uncompressed IDX files torchvision reads."""
     folder = tv_cls.__name__
     raw = root / folder / "raw"
@@ -160,14 +77,24 @@ def _prepare_idx_root(cfg: DatasetConfig, root: Path, tv_cls) -> Path:
     return target.parent.parent
 
 
-def _load_torchvision(cfg: DatasetConfig, seed: int) -> DataBundle:
+def load_torchvision(cfg: "DatasetConfig", seed: int) -> DataBundle:
+    """Load ``cfg.name`` with its torchvision class (:attr:`DatasetInfo.source`) from ``cfg.root``.
+
+    Pixels are scaled to [0, 1], normalised with the dataset's ``mean``/``std`` (``standardize``) and
+    zero-padded to ``pad_to``; ``val_fraction`` of the training images (seeded permutation) form the
+    validation split. Images float32 ``(N, C, H, W)``, labels int64 ``(N,)``.
+
+    Raises:
+        DataError: files missing, corrupted (md5) or unreadable; the message names the file(s).
+    """
     import_torchvision()
     from torchvision import datasets
 
     root = Path(cfg.root).expanduser()
-    tv_cls = getattr(datasets, _TV_CLASS[cfg.name])
+    info = DATASETS.get(cfg.name)
+    tv_cls = getattr(datasets, info.source)
     try:
-        if cfg.name == "cifar100":
+        if hasattr(tv_cls, "train_list"):  # CIFAR: pickled batches
             base = root / tv_cls.base_folder
             need = [n for n, _ in tv_cls.train_list + tv_cls.test_list] + [tv_cls.meta["filename"]]
             missing = [n for n in need if not (base / n).is_file()]
@@ -191,12 +118,12 @@ def _load_torchvision(cfg: DatasetConfig, seed: int) -> DataBundle:
         raise
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted", bad magic numbers, ...
         raise DataError(f"dataset {cfg.name} under {root}: {str(err).splitlines()[0]}") from err
-    except (ValueError, EOFError, OSError, KeyError, AssertionError, __import__("pickle").UnpicklingError) as err:
+    except (ValueError, EOFError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as err:
         raise DataError(f"dataset {cfg.name} under {root}: unreadable file ({type(err).__name__}: {err})") from err
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise DataError(f"dataset {cfg.name} under {root}: {xtr.shape[0]} images but {ytr.shape[0]} labels")
 
-    mean, std = IMAGE_STATS[cfg.name]
+    mean, std = info.mean, info.std
 
     def prep(x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32).div_(255.0)
@@ -216,7 +143,7 @@ def _load_torchvision(cfg: DatasetConfig, seed: int) -> DataBundle:
         tr_idx = tr_idx[: cfg.train_subset]
     train = Split(prep(xtr[tr_idx]), ytr[tr_idx].long())
     val = Split(prep(xtr[val_idx]), ytr[val_idx].long())
-    test = _subset(Split(prep(xte), yte.long()), cfg.test_subset, split_seed)
+    test = subset(Split(prep(xte), yte.long()), cfg.test_subset, split_seed)
     return DataBundle(cfg.name, "image", train, val, test, num_classes)
 
 
@@ -229,26 +156,9 @@ def _unverified_cifar100(base):
     return UnverifiedCIFAR100
 
 
-def _subset(split: Split, n: Optional[int], seed: int) -> Split:
-    if not n or n >= len(split):
-        return split
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 1))[:n]
-    return Split(split.x[idx], split.y[idx])
-
-
-def load_dataset(cfg: DatasetConfig, seed: int = 0) -> DataBundle:
-    """Load the configured dataset as tensors.
-
-    Args:
-        cfg: the validated ``dataset`` config.
-        seed: seeds the train/val(/test) split when ``cfg.split_seed`` is null.
-
-    Returns:
-        DataBundle with train/val/test splits; images are ``(N, C, H, W)`` float32, normalised.
-
-    Raises:
-        DataError: files missing, corrupted (md5) or unreadable; the message names the file(s).
-    """
-    if cfg.name in ("iris", "digits"):
-        return _load_tabular(cfg, seed)
-    return _load_torchvision(cfg, seed)
+register_dataset("mnist", DatasetInfo("image", 10, (1, 28, 28), load_torchvision, source="MNIST",
+                                      mean=(0.1307,), std=(0.3081,)))
+register_dataset("fashion_mnist", DatasetInfo("image", 10, (1, 28, 28), load_torchvision, source="FashionMNIST",
+                                              mean=(0.2860,), std=(0.3530,)))
+register_dataset("cifar100", DatasetInfo("image", 100, (3, 32, 32), load_torchvision, source="CIFAR100",
+                                         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)))

@@ -1,15 +1,17 @@
 """Builders for the dynamic-sparse-training tables of thesis 001 (T001-3.1 ... 3.5, fig3.1) and the
 RigL / SET / static / dense comparison (T001-dst-compare).
 
-Thesis tables: the spec's ``settings`` list (one entry per ``runs`` entry, same order) names each
-row (``label``), its role (``dense`` | ``fixed`` | ``dst``), its hyper-parameters and the
-document's values (``reported_acc`` in %, ``reported_hours`` for 70 epochs). Per setting the CSV
-has three metrics:
+Thesis tables: each cell of the spec has a ``role`` on its row (``dense`` | ``fixed`` | ``dst``
+(default) | ``dt1``: a reference run that only feeds ``acc_vs_dt1``), an optional ``note``, and
+``reported: {acc: %, hours: h for 70 epochs, acc_vs_dt1: points}``; its hyper-parameters are read
+from its overrides. Per cell the CSV has the metrics
 
 * ``acc``: measured test accuracy (%) beside the reported validation accuracy (%) on CIFAR-100;
-* ``acc_vs_fixed``: accuracy minus the fixed-mask row's (points), the comparison that transfers
+* ``acc_vs_fixed``: accuracy minus the fixed-mask cell's (points), the comparison that transfers
   across datasets (reported: the same difference in the thesis);
-* ``time_vs_fixed``: wall time / the fixed-mask row's wall time (per seed, then averaged; reported:
+* ``acc_vs_dt1`` (rows with ``dt1: <label>``, T001-3.3): accuracy minus the mean accuracy of this
+  table's own reference cell ``<label>`` (placeholders ``{key}`` filled from the cell's overrides);
+* ``time_vs_fixed``: wall time / the fixed-mask cell's wall time (per seed, then averaged; reported:
   hours / fixed-mask hours).
 
 Extra columns: ``time_per_epoch_s``, ``update_share`` (topology-update time / training time),
@@ -17,16 +19,19 @@ Extra columns: ``time_per_epoch_s``, ``update_share`` (topology-update time / tr
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import pandas as pd
 
-from sparsebench.tables import RESULTS, pyplot, rows, save_figure
+from sparsebench.tables.figures import pyplot, save_figure
+from sparsebench.tables.schema import rows
+from sparsebench.tables.spec import fill_label
 
-# settings key -> CSV column (``metric`` is taken by the long format, so the similarity is ``similarity``)
-PARAMS = {"K": "K", "k_similar": "k_similar", "bits": "bits", "search": "search", "metric": "similarity",
-          "delta_t": "delta_t"}
+# CSV column -> override key (``metric`` is taken by the long format, so the similarity is ``similarity``);
+# K is the thesis' symbol for the drop fraction
+PARAMS = {"K": "method.drop_fraction", "k_similar": "method.k_similar", "bits": "method.bits",
+          "search": "method.search", "similarity": "method.metric"}
 
 
 def _by_seed(g: pd.DataFrame, col: str) -> Dict[int, float]:
@@ -37,79 +42,84 @@ def _mean(g: pd.DataFrame, col: str) -> float:
     return float(g[col].mean()) if (not g.empty and col in g) else float("nan")
 
 
+def _delta_t(cell) -> object:
+    """The update interval as the thesis writes it: 1 (every minibatch) or '1 epoch'; '' without updates."""
+    if cell.row.get("role", "dst") in ("dense", "fixed"):
+        return ""
+    if cell.params.get("method.delta_t_epochs") is not None:
+        return f"{float(cell.params['method.delta_t_epochs']):g} epoch"
+    return cell.params.get("method.delta_t", 1)
+
+
 def thesis_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """Long-format table for T001-3.1 ... T001-3.5 (see the module docstring)."""
-    settings: List[dict] = spec["settings"]
-    if len(settings) != len(spec["runs"]):
-        raise ValueError(f"{spec['id']}: settings ({len(settings)}) and runs ({len(spec['runs'])}) differ in length")
-    fixed_i = next(i for i, s in enumerate(settings) if s.get("role") == "fixed")
-    rep_fixed = settings[fixed_i]
-    empty = pd.DataFrame(columns=["run_index", "seed", "test_acc", "train_seconds"])
+    cells = spec["cells"]
+    empty = pd.DataFrame(columns=["cell", "seed", "test_acc", "train_seconds"])
     runs = runs if not runs.empty else empty
-    fixed = runs[runs["run_index"] == fixed_i]
+    fixed_cell = next(c for c in cells if c.row.get("role") == "fixed")
+    rep_fixed = fixed_cell.reported
+    fixed = runs[runs["cell"] == fixed_cell.index]
     fixed_acc, fixed_time = _by_seed(fixed, "test_acc"), _by_seed(fixed, "train_seconds")
+    by_label = {c.label: c for c in cells}
     out = []
-    for i, s in enumerate(settings):
-        g = runs[runs["run_index"] == i]
+    for c in cells:
+        role = c.row.get("role", "dst")
+        if role == "dt1":
+            continue
+        g = runs[runs["cell"] == c.index]
         acc = _by_seed(g, "test_acc")
         secs = _by_seed(g, "train_seconds")
-        extra = {"role": s.get("role", "dst"), **{col: s.get(p, "") for p, col in PARAMS.items()},
-                 "time_per_epoch_s": _mean(g, "time_per_epoch"),
+        rep = c.reported
+        extra = {"role": role, **{col: c.params.get(key, "") for col, key in PARAMS.items()},
+                 "delta_t": _delta_t(c), "time_per_epoch_s": _mean(g, "time_per_epoch"),
                  "update_share": _mean(g, "update_share") if "update_share" in g else 0.0,
-                 "recall_mean": _mean(g, "recall_mean"), "reported_hours": s.get("reported_hours", ""),
-                 "note": s.get("note", "") if not g.empty else "missing run"}
-        label = s["label"]
-        out.append(rows(spec, label, "acc", [100 * v for v in acc.values()], s.get("reported_acc", ""), **extra))
+                 "recall_mean": _mean(g, "recall_mean"), "reported_hours": rep.get("hours", ""),
+                 "note": c.row.get("note", "") if not g.empty else "missing run"}
+        out.append(rows(spec, c.label, "acc", [100 * v for v in acc.values()], rep.get("acc", ""), **extra))
         d = [100 * (acc[k] - fixed_acc[k]) for k in acc if k in fixed_acc]
-        rep_d = (round(s["reported_acc"] - rep_fixed["reported_acc"], 2)
-                 if "reported_acc" in s and "reported_acc" in rep_fixed else "")
-        out.append(rows(spec, label, "acc_vs_fixed", d, rep_d, **extra))
-        if "dt1_label" in s:
-            base = _dt1_accuracy(s["dt1_label"])
-            out.append(rows(spec, label, "acc_vs_dt1", [100 * v - base for v in acc.values()] if base == base else [],
-                            s.get("reported_delta_vs_dt1", ""), **{**extra, "note": "measured: minus T001-3.1's "
-                                                                  f"measured '{s['dt1_label']}' ({base:.2f}%)"}))
+        rep_d = round(rep["acc"] - rep_fixed["acc"], 2) if "acc" in rep and "acc" in rep_fixed else ""
+        out.append(rows(spec, c.label, "acc_vs_fixed", d, rep_d, **extra))
+        if c.row.get("dt1"):
+            ref = fill_label(c.row["dt1"], c.params, f"table {spec['id']}, cell {c.label}: dt1")
+            if ref not in by_label:
+                raise ValueError(f"table {spec['id']}, cell {c.label}: dt1 reference '{ref}' is not a cell label")
+            base = _mean(runs[runs["cell"] == by_label[ref].index], "test_acc") * 100
+            out.append(rows(spec, c.label, "acc_vs_dt1", [100 * v - base for v in acc.values()] if base == base else [],
+                            rep.get("acc_vs_dt1", ""),
+                            **{**extra, "note": f"measured: minus this table's dT=1 run '{ref}' ({base:.2f}%)"}))
         r = [secs[k] / fixed_time[k] for k in secs if k in fixed_time and fixed_time[k] > 0]
-        rep_r = (round(s["reported_hours"] / rep_fixed["reported_hours"], 3)
-                 if "reported_hours" in s and "reported_hours" in rep_fixed else "")
-        out.append(rows(spec, label, "time_vs_fixed", r, rep_r, **extra))
+        rep_r = round(rep["hours"] / rep_fixed["hours"], 3) if "hours" in rep and "hours" in rep_fixed else ""
+        out.append(rows(spec, c.label, "time_vs_fixed", r, rep_r, **extra))
     return pd.DataFrame(out)
 
 
-def _dt1_accuracy(label: str, table: str = "T001-3.1") -> float:
-    """Measured accuracy (%) of row ``label`` in ``results/<table>.csv`` (NaN when absent)."""
-    path = RESULTS / f"{table}.csv"
-    if not path.is_file():
-        return float("nan")
-    df = pd.read_csv(path)
-    hit = df[(df["setting"] == label) & (df["metric"] == "acc")]
-    return float(hit["measured"].iloc[0]) if len(hit) else float("nan")
-
-
 def compare_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """RigL vs SET vs static vs dense: test accuracy (%) per (method, density, budget), with the field's
-    expected ordering as the reported value and whether it holds in the measurement."""
-    settings: List[dict] = spec["settings"]
+    """RigL vs SET vs static vs dense: test accuracy (%) per (method, density, distribution) read from
+    each cell's overrides, with the field's expected ordering as the reported value and whether it
+    holds in the measurement."""
     out = []
     means = {}
-    for i, s in enumerate(settings):
-        g = runs[runs["run_index"] == i] if not runs.empty else runs
+    keys = []
+    for c in spec["cells"]:
+        g = runs[runs["cell"] == c.index] if not runs.empty else runs
         acc = [100 * v for v in (g["test_acc"] if not g.empty else [])]
-        means[(s["method"], s.get("density"), s.get("budget"))] = float(np.mean(acc)) if acc else float("nan")
-        out.append(rows(spec, s["label"], "acc", acc, s.get("reported", ""), method=s["method"],
-                        density=s.get("density", 1.0), budget=s.get("budget", ""),
+        method, dens, dist = c.params["method"], c.params.get("method.density"), c.params.get("method.distribution")
+        keys.append((dens, dist))
+        means[(method, dens, dist)] = float(np.mean(acc)) if acc else float("nan")
+        out.append(rows(spec, c.label, "acc", acc, c.reported.get("acc", ""), method=method,
+                        density=dens if dens is not None else 1.0, distribution=dist or "",
                         time_per_epoch_s=_mean(g, "time_per_epoch"),
                         update_share=_mean(g, "update_share") if "update_share" in g else 0.0,
                         measured_density=_mean(g, "density"), note="" if acc else "missing run"))
-    for dens in sorted({s.get("density") for s in settings if s.get("density")}):
-        for budget in sorted({s.get("budget") for s in settings if s.get("budget")}):
-            r, st, sf = (means.get((m, dens, budget), float("nan")) for m in ("rigl", "set", "static_sparse"))
+    for dens in sorted({d for d, _ in keys if d}):
+        for dist in sorted({b for _, b in keys if b}):
+            r, st, sf = (means.get((m, dens, dist), float("nan")) for m in ("rigl", "set", "static_sparse"))
             if np.isnan([r, st, sf]).any():
                 continue
             holds = bool(r >= st - 0.1 and st >= sf - 0.1)
-            out.append(rows(spec, f"ordering at density {dens}, {budget}", "rigl>=set>=static (0.1-point tolerance)",
+            out.append(rows(spec, f"ordering at density {dens}, {dist}", "rigl>=set>=static (0.1-point tolerance)",
                             [float(holds)], "holds (Evci et al. 2020, Table 1/Fig. 2)", method="", density=dens,
-                            budget=budget, note=f"rigl {r:.2f}, set {st:.2f}, static {sf:.2f}"))
+                            distribution=dist, note=f"rigl {r:.2f}, set {st:.2f}, static {sf:.2f}"))
     return pd.DataFrame(out)
 
 
@@ -129,7 +139,9 @@ def fig31(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     from sparsebench.sparsity.distributions import layer_counts, random_masks
     from sparsebench.config import DatasetConfig
     from sparsebench.data import load_dataset
-    from sparsebench.dst import AbsInnerProduct, BruteForceSearch, FaissSearch, layer_vectors
+    from sparsebench.dst.capture import layer_vectors
+    from sparsebench.dst.search import BruteForceSearch, FaissSearch
+    from sparsebench.dst.similarity import AbsInnerProduct
     from sparsebench.core.errors import DataError
     from sparsebench.sparsity.masking import Masking
     from sparsebench.models import MLP

@@ -1,0 +1,165 @@
+"""Builders of document 002's tables (T002-weight, T002-unit, T002-magnitudes, T002-time).
+
+Each returns the long-format table plus an ``ordering_holds`` column where the document states an
+ordering (True / False, the measured ordering in ``note``) and draws ``results/<ID>.png``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pandas as pd
+
+from sparsebench.tables.figures import pyplot, save_figure
+from sparsebench.tables.schema import rows
+
+def _critical_k(g: pd.DataFrame, drop: float = 0.05) -> float:
+    """Smallest k whose mean test accuracy is more than ``drop`` below the k = 0 accuracy (inf if none)."""
+    m = g.groupby("k")["test_acc"].mean().sort_index()
+    base = m.iloc[0]
+    bad = m[m < base - drop]
+    return float(bad.index[0]) if len(bad) else float("inf")
+
+
+# --------------------------------------------------------------------------- T002 weight / unit
+T002_REPORTED = {"weight": "figure only: robust until a high k, then degrades",
+                 "unit": "figure only: degrades much sooner than weight pruning"}
+
+
+def _t002_curve(spec: dict, runs: pd.DataFrame, criterion: str) -> pd.DataFrame:
+    crit = {c: _critical_k(g) for c, g in runs.groupby("criterion")}
+    holds = crit.get("unit", np.inf) < crit.get("weight", np.inf) if {"unit", "weight"} <= set(crit) else None
+    # also: at every k > 0, unit-pruned accuracy <= weight-pruned accuracy (mean over seeds)
+    m = runs.groupby(["criterion", "k"])["test_acc"].mean().unstack(0)
+    pointwise = bool((m.loc[m.index > 0, "unit"] <= m.loc[m.index > 0, "weight"] + 1e-9).all()) \
+        if {"unit", "weight"} <= set(m.columns) else None
+    note = (f"k where accuracy first falls >5 points below k=0: weight {crit.get('weight')}, unit {crit.get('unit')}; "
+            f"unit <= weight at every k>0: {pointwise}")
+    out = []
+    g = runs[runs["criterion"] == criterion]
+    for k, kg in g.groupby("k"):
+        for metric in ("test_acc", "test_loss"):
+            out.append(rows(spec, f"{criterion} pruning, k={k:g}", metric, kg[metric].tolist(), T002_REPORTED[criterion],
+                            criterion=criterion, k=float(k), density=float(kg["density"].mean()),
+                            ordering_holds=holds, note=note))
+    _plot_t002(spec, runs, criterion)
+    return pd.DataFrame(out)
+
+
+def _plot_t002(spec: dict, runs: pd.DataFrame, criterion: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for c, g in runs.groupby("criterion"):
+        m = g.groupby("k")[["test_loss", "test_acc"]].agg(["mean", "std"])
+        style = dict(marker="o", lw=2) if c == criterion else dict(marker=".", lw=1, ls="--", alpha=0.6)
+        for ax, metric in zip(axes, ("test_loss", "test_acc")):
+            ax.errorbar(m.index * 100, m[(metric, "mean")], yerr=m[(metric, "std")].fillna(0), label=f"{c} pruning",
+                        capsize=2, **style)
+    for ax, metric in zip(axes, ("test loss (cross-entropy)", "test accuracy")):
+        ax.set_xlabel("k (% pruned per layer)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    fig.suptitle(f"{spec['id']}: {criterion} pruning after training (fc5, MNIST); mean ± std over seeds")
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
+
+
+def t002_weight(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T002-weight: loss/accuracy against k for weight pruning (ordering: unit degrades sooner)."""
+    return _t002_curve(spec, runs, "weight")
+
+
+def t002_unit(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T002-unit: loss/accuracy against k for unit pruning."""
+    return _t002_curve(spec, runs, "unit")
+
+
+# --------------------------------------------------------------------------- T002 magnitudes
+def t002_magnitudes(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T002-magnitudes: KS distance and mean |w| of pruned vs surviving weights at ``hist_k``; the
+    figure shows the per-layer histograms of the first seed's run. Claim: weight pruning separates the
+    two groups completely (KS = 1), unit pruning barely (the two distributions look alike)."""
+    h = runs.dropna(subset=["ks_mean"]) if "ks_mean" in runs else runs.iloc[:0]
+    ks = h.groupby("criterion")["ks_mean"].mean().to_dict()
+    holds = bool(ks.get("weight", 0) > 0.99 and ks.get("unit", 1) < ks.get("weight", 0)) if ks else None
+    note = f"mean KS distance pruned vs surviving |w|: {', '.join(f'{c} {v:.3f}' for c, v in ks.items())}"
+    reported = {"weight": "figure only: the smallest |w| are removed (pruned and surviving separate)",
+                "unit": "figure only: weights removed nearly at random w.r.t. |w| (similar distributions)"}
+    out = []
+    for c, g in h.groupby("criterion"):
+        for metric in ("ks_mean", "mean_abs_pruned", "mean_abs_surviving"):
+            out.append(rows(spec, f"{c} pruning, k={g['k'].iloc[0]:g}", metric, g[metric].tolist(), reported.get(c, ""),
+                            criterion=c, k=float(g["k"].iloc[0]), ordering_holds=holds, note=note))
+    if len(h):
+        first = h.sort_values("seed").iloc[0]
+        mags = pd.read_csv(Path(first["run_dir"]) / "magnitudes.csv")
+        _plot_magnitudes(spec, mags)
+    return pd.DataFrame(out)
+
+
+def _plot_magnitudes(spec: dict, mags: pd.DataFrame) -> None:
+    plt = pyplot()
+    crits = list(dict.fromkeys(mags["criterion"]))
+    layers = list(dict.fromkeys(mags["layer"]))
+    fig, axes = plt.subplots(len(crits), len(layers), figsize=(3.2 * len(layers), 2.6 * len(crits)), squeeze=False)
+    for i, c in enumerate(crits):
+        for j, layer in enumerate(layers):
+            g = mags[(mags["criterion"] == c) & (mags["layer"] == layer)]
+            ax = axes[i][j]
+            width = (g["bin_right"] - g["bin_left"]).to_numpy()
+            ax.bar(g["bin_left"], g["surviving"], width=width, align="edge", color="tab:green" if c == "weight"
+                   else "tab:brown", alpha=0.6, label="surviving")
+            ax.bar(g["bin_left"], g["pruned"], width=width, align="edge", color="tab:red", alpha=0.6, label="pruned")
+            ax.set_title(f"{c} pruning, {layer}", fontsize=9)
+            ax.set_xlabel("|w|", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{spec['id']}: |w| of pruned vs surviving weights at k={mags['k'].iloc[0]:g} (fc5, MNIST, seed 0)")
+    fig.tight_layout()
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------- T002 time
+def t002_time(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T002-time: forward seconds per batch and speedup over dense against k, per criterion and layout.
+    Claim: the sparse forward time falls as k grows (Spearman correlation of k and time < 0, and the
+    time at the largest k is below the time at the smallest)."""
+    out = []
+    for (dev, crit, lay), g in runs.groupby(["device", "criterion", "layout"]):
+        m = g.groupby("k")["seconds"].mean().sort_index()
+        rho = pd.Series(m.index).corr(pd.Series(m.values), method="spearman") if len(m) > 1 else np.nan
+        holds = bool(rho < 0 and m.iloc[-1] < m.iloc[0]) if len(m) > 1 else None
+        note = f"Spearman(k, time) = {rho:.3f}; time at k={m.index[-1]:g}: {m.iloc[-1] * 1e3:.3f} ms, at k={m.index[0]:g}: {m.iloc[0] * 1e3:.3f} ms"
+        for k, kg in g.groupby("k"):
+            extra = dict(device=dev, criterion=crit, layout=lay, k=float(k), ordering_holds=holds, note=note,
+                         threads=kg["threads"].iloc[0] if "threads" in kg else None)
+            out.append(rows(spec, f"{dev} {crit} pruning k={k:g} {lay}", "forward_ms", (kg["seconds"] * 1e3).tolist(),
+                            "figure only: time falls as k grows (COO, CPU)", **extra))
+            out.append(rows(spec, f"{dev} {crit} pruning k={k:g} {lay}", "speedup_vs_dense", kg["speedup"].tolist(),
+                            "figure only", **extra))
+    _plot_time(spec, runs)
+    return pd.DataFrame(out)
+
+
+def _plot_time(spec: dict, runs: pd.DataFrame) -> None:
+    plt = pyplot()
+    devs = list(dict.fromkeys(runs["device"]))
+    fig, axes = plt.subplots(1, len(devs), figsize=(6 * len(devs), 4), squeeze=False)
+    for ax, dev in zip(axes[0], devs):
+        d = runs[runs["device"] == dev]
+        for (crit, lay), g in d.groupby(["criterion", "layout"]):
+            m = g.groupby("k")["seconds"].mean() * 1e3
+            ax.plot(m.index * 100, m.values, marker="o", ls="-" if crit == "weight" else "--", label=f"{crit}, {lay}")
+        dm = d.groupby("k")["dense_seconds"].mean() * 1e3
+        ax.plot(dm.index * 100, dm.values, color="k", lw=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("k (% pruned per layer)")
+        ax.set_ylabel("forward time, batch 100 (ms)")
+        ax.set_title(f"{dev}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{spec['id']}: fc5 forward time vs k, sparse export vs dense")
+    save_figure(fig, spec, dpi=110, bbox_inches="tight")
+
+

@@ -1,0 +1,201 @@
+"""Dynamic sparse training, selection and similarity search: exact top-n, brute force vs faiss, LSH,
+conv unfolding, the brute-|ip| shortcut through ``weight.grad``, and the Figure 3.1 builder."""
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dst_helpers import digits_bundle, make_grow, sparse_mlp
+from sparsebench.config import TrainerConfig
+from sparsebench.core.errors import ConfigError
+from sparsebench.dst.capture import layer_vectors
+from sparsebench.dst.grow import LayerUpdate, SimilarityGrow
+from sparsebench.dst.search import BruteForceSearch, FaissSearch
+from sparsebench.dst.selection import topk_indices
+from sparsebench.dst.similarity import AbsInnerProduct, L2Similarity, LSHSimilarity
+from sparsebench.dst.updater import DSTUpdater
+from sparsebench.sparsity.distributions import layer_counts, random_masks
+from sparsebench.sparsity.masking import Masking
+from sparsebench.training.trainer import Trainer
+
+torch.set_num_threads(1)
+
+
+def _fixed_vectors(seed=0, R=32, n_out=20, n_in=30):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(R, n_out, generator=gen), torch.randn(R, n_in, generator=gen)
+
+
+
+@pytest.mark.parametrize("metric", [AbsInnerProduct(), L2Similarity()], ids=["abs_ip", "l2"])
+def test_brute_force_and_faiss_flat_return_the_same_set(metric):
+    G, U = _fixed_vectors()
+    mask = torch.zeros(G.shape[1] * U.shape[1])
+    mask[torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(1))[:120]] = 1
+    blocked = mask.nonzero().squeeze(1)
+    n = 50
+    exact = BruteForceSearch(metric).find("l", G, U, mask, n)
+    flat = FaissSearch(metric, k_similar=1.0).find("l", G, U, mask, n)
+    assert set(exact.tolist()) == set(flat.tolist())
+    assert not set(exact.tolist()) & set(blocked.tolist())
+    # the brute-force set is the true top-n of the metric among growable pairs
+    s = metric.exact(G, U).reshape(-1)
+    s[blocked] = -float("inf")
+    assert set(exact.tolist()) == set(torch.topk(s, n).indices.tolist())
+
+
+def test_per_query_search_with_small_k_similar_can_miss_global_topk():
+    # Figure 3.1: one input vector is very similar to every gradient vector; per-query top-k misses pairs
+    G, U = _fixed_vectors(seed=3, R=16, n_out=20, n_in=30)
+    U[:, 0] = 10 * G.sum(1)
+    mask = torch.zeros(600)
+    exact = set(BruteForceSearch(AbsInnerProduct()).find("l", G, U, mask, 30).tolist())
+    approx = set(FaissSearch(AbsInnerProduct(), k_similar=0.1).find("l", G, U, mask, 30).tolist())
+    assert len(approx) == 30 and len(exact & approx) < 30
+
+
+def test_lsh_path_runs_and_reports_recall():
+    G, U = _fixed_vectors(seed=2, R=64, n_out=40, n_in=50)
+    mask = torch.zeros(2000)
+    mask[::7] = 1
+    for bits in (0.5, 2.0):
+        got = FaissSearch(LSHSimilarity(bits), k_similar=0.2).find("l", G, U, mask, 40)
+        assert got.numel() == 40 and got.unique().numel() == 40
+        assert torch.all(mask[got] == 0)
+    # through the grow strategy: recall is logged and lies in [0, 1]
+    model, masking, counts = sparse_mlp()
+    upd = DSTUpdater(masking, make_grow("similarity", metric="lsh", bits=1.0), d0=0.1, schedule="constant",
+                     delta_t=2, t_end=1.0)
+    cfg = TrainerConfig(lr=0.05, batch_size=64, iterations=6, device="cpu")
+    Trainer(cfg, model, digits_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd]).fit()
+    s = upd.summary()
+    assert upd.updates == 3 and 0.0 <= s["recall_mean"] <= 1.0
+    assert masking.counts() == {n: (counts[n], w.numel()) for n, w, _ in masking.items()}
+
+
+def test_lsh_with_brute_force_is_a_config_error():
+    with pytest.raises(ConfigError, match="method.search"):
+        SimilarityGrow(torch.Generator(), metric="lsh", search="brute")
+
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_conv_unfold_vectors_give_the_weight_gradient(stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=False)
+    x = torch.randn(4, 3, 9, 9)
+    out = conv(x)
+    gout = torch.randn_like(out)
+    out.backward(gout)
+    U, G = layer_vectors(conv, x, gout)
+    assert U.shape == (4 * out.shape[2] * out.shape[3], 27) and G.shape == (U.shape[0], 5)
+    torch.testing.assert_close((G.t() @ U).view_as(conv.weight), conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_sampled_threshold_topk_is_exact(largest):
+    gen = torch.Generator().manual_seed(0)
+    for N, n in [(200_000, 1), (200_000, 2000), (50_000, 3000), (1000, 10)]:
+        s = torch.randn(N, generator=gen)
+        s[torch.randint(0, N, (N // 5,), generator=gen)] = -float("inf")
+        for scores in (s, s.round()):  # with many ties
+            got = topk_indices(scores, n, largest=largest)
+            assert got.numel() == n and got.unique().numel() == n
+            ref = torch.topk(scores, n, largest=largest).values
+            assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
+    # with a threshold hint carried between calls (CPU): exact even when the distribution shifts a lot
+    hint = {}
+    for shift in (0.0, 0.01, 3.0, -5.0, 0.0):
+        scores = torch.randn(100_000, generator=gen) + shift
+        scores[:50_000] *= 1 + abs(shift)
+        got = topk_indices(scores, 1500, largest=largest, hint=hint)
+        assert "t" in hint and got.numel() == 1500 and got.unique().numel() == 1500
+        ref = torch.topk(scores, 1500, largest=largest).values
+        assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
+
+
+
+def test_brute_abs_ip_reads_the_dense_gradient_and_matches_the_explicit_search():
+    # grow=similarity search=brute metric=abs_ip takes |weight.grad| (== |G^T U|) instead of capturing vectors:
+    # on a Linear and a Conv2d layer its chosen set equals the explicit brute-force search over the
+    # captured (unfolded) vectors, up to float rounding at the n-th score.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+    masking = Masking(model)
+    masking.set_masks(random_masks(masking, layer_counts(masking, 0.3, "uniform"), torch.Generator().manual_seed(0)))
+    grow = make_grow("similarity", metric="abs_ip", search="brute")
+    assert grow.from_gradient and not grow.needs_activations and grow.needs_gradients
+    assert not make_grow("similarity", metric="abs_ip", search="brute", max_rows=10**6).from_gradient
+    upd = DSTUpdater(masking, grow, d0=0.2, schedule="constant", delta_t=1, t_end=1.0)
+    assert upd.capture is None
+    data = digits_bundle()
+    x, y = data.train.x[:200].reshape(-1, 1, 8, 8), data.train.y[:200]
+    inputs, gouts = {}, {}
+    def keep(name):
+        def hook(mod, inp, out):
+            inputs[name] = inp[0].detach()
+            out.register_hook(lambda g: gouts.__setitem__(name, g))
+        return hook
+
+    for name in masking.names:
+        masking.module(name).register_forward_hook(keep(name))
+    F.cross_entropy(model(x), y).backward()
+
+    grow.prepare(masking, masking.names)
+    for name in masking.names:
+        m_flat = masking.mask(name).reshape(-1)
+        n = 20
+        layer = LayerUpdate(name, masking.module(name), masking.weight(name), m_flat, n)
+        got = grow.grow(layer)
+        U, G = layer_vectors(masking.module(name), inputs[name], gouts[name])
+        want = BruteForceSearch(AbsInnerProduct()).find(name, G, U, m_flat, n)
+        assert got.numel() == n and got.unique().numel() == n and torch.all(m_flat[got] == 0)
+        ref = (G.t() @ U).abs().reshape(-1)
+        kth = torch.sort(ref[want]).values[0]
+        assert torch.all(ref[got] >= kth * (1 - 1e-4)), name
+        assert len(set(got.tolist()) & set(want.tolist())) >= n - 1, name
+    assert grow.stats["recall_hits"] == grow.stats["recall_n"] == 2 * 20
+
+
+
+def test_topk_indices_exclude_on_numpy_and_torch_paths():
+    gen = torch.Generator().manual_seed(5)
+    for N, n in [(50_000, 700), (3000, 40)]:
+        s = torch.rand(N, generator=gen)
+        ex = (torch.rand(N, generator=gen) < 0.3).float()
+        want = set(torch.topk(s.masked_fill(ex.bool(), -1.0), n).indices.tolist())
+        got_np = topk_indices(s, n, exclude=ex)  # float32 on CPU: numpy path
+        got_np2 = topk_indices(s.numpy(), n, exclude=ex.numpy(), hint={})
+        got_t = topk_indices(s.double().to(torch.bfloat16).float(), n, exclude=ex)  # ties possible: check scores
+        got_bf = topk_indices(s.to(torch.bfloat16), n, exclude=ex.to(torch.bfloat16))  # no numpy dtype: torch path
+        assert set(got_np.tolist()) == want == set(got_np2.tolist())
+        for g in (got_t, got_bf):
+            assert g.numel() == n and g.unique().numel() == n and torch.all(ex[g] == 0)
+        kth = s.to(torch.bfloat16)[list(want)].min()
+        assert torch.all(s.to(torch.bfloat16)[got_bf] >= kth)
+        with pytest.raises(ValueError, match="not excluded"):
+            topk_indices(s, N, exclude=ex)
+
+
+
+def test_fig31_builder_recall_and_quick_figure_stays_out_of_results(tmp_path):
+    # Figure 3.1 builder (calls the searches directly): schema, the toy example's 3 of 4, recall 1 at
+    # k_similar = 1 (every pair returned), and in quick mode the figure goes to a temporary file.
+    from sparsebench.tables.builders.t001 import fig31
+    from sparsebench.tables.figures import figure_path
+    from sparsebench.tables.schema import RESULTS, TABLE_COLUMNS
+    from sparsebench.tables.spec import QUICK_PREFIX, load_spec
+
+    spec = load_spec("T001-fig3.1")
+    spec.update(scale=f"{QUICK_PREFIX} (test); full: {spec['scale']}", warmup_steps=10, batches=1,
+                k_similar=[0.1, 1.0])
+    before = (RESULTS / "T001-fig3.1.png").stat().st_mtime_ns if (RESULTS / "T001-fig3.1.png").exists() else None
+    t = fig31(spec, None)
+    assert set(TABLE_COLUMNS) <= set(t.columns)
+    assert float(t[t["layer"] == "toy"]["measured"].iloc[0]) == 0.75
+    full = t[(t["layer"] != "toy") & (t["k_similar"] == 1.0)]
+    assert len(full) == 3 and (full["measured"] == 1.0).all()
+    path = figure_path(spec)
+    assert path.parent != RESULTS and path.is_file()
+    after = (RESULTS / "T001-fig3.1.png").stat().st_mtime_ns if (RESULTS / "T001-fig3.1.png").exists() else None

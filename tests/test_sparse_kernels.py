@@ -1,0 +1,187 @@
+"""Truly sparse training (issue 14): kernels, SparseTrainLinear, conversion, training, SET updates."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench.models import MLP
+from sparsebench.sparsity.kernels import KERNELS, CSRStructure, TorchCSRKernels, get_kernels
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import num_to_keep, topk_mask
+from sparsebench.sparsity.sparse_linear import SparseTrainLinear, set_update, sparsify_for_training, state_bytes
+
+
+def _random_mask(shape, density, g):
+    return topk_mask(torch.rand(shape, generator=g), num_to_keep(shape[0] * shape[1], density))
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_masked_dense(density, bias):
+    g = torch.Generator().manual_seed(int(density * 1e4) + bias)
+    for trial in range(3):
+        out, inp = (int(v) for v in torch.randint(1, 300, (2,), generator=g))
+        batch = int(torch.randint(1, 300, (1,), generator=g))
+        mask = _random_mask((out, inp), density, g)
+        w = torch.randn(out, inp, generator=g) * mask
+        b = torch.randn(out, generator=g) if bias else None
+        layer = SparseTrainLinear(w, mask, b)
+        if trial == 1:  # large batches split into chunks
+            layer.kernels = TorchCSRKernels(chunk=64)
+        x = torch.randn(batch, inp, generator=g, requires_grad=True)
+        dy = torch.randn(batch, out, generator=g)
+        (layer(x) * dy).sum().backward()
+        wd = w.clone().requires_grad_()
+        bd = b.clone().requires_grad_() if bias else None
+        xd = x.detach().clone().requires_grad_()
+        yd = F.linear(xd, wd, bd)
+        (yd * dy).sum().backward()
+        tol = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer(x), yd, **tol)
+        torch.testing.assert_close(x.grad, xd.grad, **tol)
+        torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * mask, **tol)
+        if bias:
+            torch.testing.assert_close(layer.bias.grad, bd.grad, **tol)
+        assert layer.nnz == int(mask.sum())
+        torch.testing.assert_close(layer.dense_weight(), w)
+
+
+def test_structure_orders_and_errors():
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    s = CSRStructure.from_mask(mask)
+    assert s.crow.tolist() == [0, 2, 3] and s.col.tolist() == [1, 2, 0]
+    assert s.t_crow.tolist() == [0, 1, 2, 3] and s.t_col.tolist() == [1, 0, 0] and s.perm.tolist() == [2, 0, 1]
+    assert s.flat().tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="duplicate"):
+        CSRStructure.from_flat(torch.tensor([1, 1]), (2, 3))
+    with pytest.raises(ValueError, match="range"):
+        CSRStructure.from_flat(torch.tensor([6]), (2, 3))
+    assert "torch_csr" in KERNELS
+    with pytest.raises(Exception, match="allowed"):
+        get_kernels("nope")
+
+
+def _models(density, seed=0):
+    torch.manual_seed(seed)
+    dense = MLP(20, 5, hidden=[64, 32])
+    masking = Masking(dense)
+    g = torch.Generator().manual_seed(seed)
+    for name, w, _ in masking.items():
+        masking.set_mask(name, _random_mask(w.shape, density, g))
+    sparse = copy.deepcopy(dense)
+    conv = sparsify_for_training(sparse, Masking(sparse), max_density=1.0)
+    return dense, masking, sparse, conv
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_training_tracks_masked_dense(opt):
+    dense, masking, sparse, conv = _models(0.2)
+    assert conv.masking is None and len(conv.sparse) == 3
+    assert not any(isinstance(m, nn.Linear) for m in sparse.modules())
+
+    def make(params):
+        return (torch.optim.SGD(params, lr=0.05, momentum=0.9) if opt == "sgd"
+                else torch.optim.Adam(params, lr=1e-2))
+
+    od, os_ = make(dense.parameters()), make(sparse.parameters())
+    masking.attach(od)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 20, generator=g), torch.randint(0, 5, (256,), generator=g)
+    for step in range(30):
+        idx = torch.randint(0, 256, (32,), generator=g)
+        losses = []
+        for model, o in ((dense, od), (sparse, os_)):
+            o.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            o.step()
+            losses.append(float(loss.detach()))
+        assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
+    for name, layer in conv.sparse.items():
+        torch.testing.assert_close(layer.dense_weight(), masking.weight(name).detach(), rtol=1e-3, atol=1e-4)
+    # optimizer state lives on the values: no dense-shaped state for the sparse layers
+    for p, st in os_.state.items():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                assert v.shape == p.shape
+
+
+def test_dense_fallback_by_density_and_memory():
+    torch.manual_seed(0)
+    model = MLP(100, 10, hidden=[200, 200])
+    masking = Masking(model)
+    g = torch.Generator().manual_seed(0)
+    dens = {"layers.0.weight": 0.5, "layers.2.weight": 0.05, "layers.4.weight": 0.05}
+    for name, w, _ in masking.items():
+        masking.set_mask(name, _random_mask(w.shape, dens[name], g))
+    before = state_bytes(model)
+    conv = sparsify_for_training(model, masking, max_density=0.15)
+    assert list(conv.sparse) == ["layers.2.weight", "layers.4.weight"]
+    assert conv.dense == ["layers.0.weight"] and conv.masking.names == ["layers.0.weight"]
+    assert isinstance(model.layers[0], nn.Linear) and isinstance(model.layers[2], SparseTrainLinear)
+    assert abs(conv.density() - masking.density()) < 1e-12
+    assert state_bytes(model) < before
+    with pytest.raises(ValueError, match="max_density"):
+        sparsify_for_training(model, conv.masking, max_density=0.0)
+
+
+def test_set_update_exact_density_zero_state_and_drops_smallest():
+    g = torch.Generator().manual_seed(3)
+    mask = _random_mask((40, 30), 0.1, g)
+    layer = SparseTrainLinear(torch.randn(40, 30, generator=g) * mask, mask, None)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    x = torch.randn(16, 30, generator=g)
+    layer(x).sum().backward()
+    opt.step()
+    nnz, before = layer.nnz, layer.dense_weight()
+    order = torch.argsort(layer.values.detach().abs())
+    n = 12
+    dropped = set(layer.structure.flat()[order[:n]].tolist())
+    kept = set(layer.structure.flat().tolist()) - dropped
+    counts = set_update({"l": layer}, n / nnz, opt, generator=torch.Generator().manual_seed(0))
+    assert counts == {"l": n} and layer.nnz == nnz
+    flat = layer.structure.flat()
+    now = set(flat.tolist())
+    assert kept <= now and not (dropped & now) and len(now) == nnz
+    grown = torch.tensor(sorted(now - kept))
+    pos = torch.isin(flat, grown)
+    assert bool((layer.values.detach()[pos] == 0).all())
+    for v in opt.state[layer.values].values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            assert bool((v[pos] == 0).all()) and bool((v[~pos] != 0).any())
+    kept_t = torch.tensor(sorted(kept))
+    torch.testing.assert_close(layer.dense_weight().reshape(-1)[kept_t], before.reshape(-1)[kept_t])
+    layer(x).sum().backward()  # the rebuilt structure trains
+    opt.step()
+    sd = layer.state_dict()
+    assert set(sd) >= {"values", "crow", "col", "t_crow", "t_col", "perm"}
+
+
+def _trainer_run(sparse, checkpoint=None, iterations=12):
+    from sparsebench.config.schemas import TrainerConfig
+    from sparsebench.data.registry import DataBundle, Split
+    from sparsebench.training.trainer import Trainer
+
+    dense, masking, _, _ = _models(0.1, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(96, 20, generator=g), torch.randint(0, 5, (96,), generator=g)
+    data = DataBundle("synthetic", "tabular", Split(x, y), Split(x[:32], y[:32]), Split(x[32:64], y[32:64]), 5)
+    cfg = TrainerConfig(iterations=iterations, batch_size=16, lr=0.05, device="cpu", sparse_kernels=sparse,
+                        optimizer="adam")
+    tr = Trainer(cfg, dense, data, torch.device("cpu"), masking=masking, seed=0, checkpoint=checkpoint)
+    return tr, tr.fit()
+
+
+def test_trainer_switch_tracks_masked_dense_and_resumes(tmp_path):
+    tr_d, res_d = _trainer_run(False)
+    tr_s, res_s = _trainer_run(True)
+    assert tr_s.sparse is not None and len(tr_s.sparse.sparse) == 3 and tr_d.sparse is None
+    assert not any(isinstance(m, nn.Linear) for m in tr_s.model.modules())
+    assert abs(res_d["test_loss"] - res_s["test_loss"]) < 1e-3
+    assert res_d["test_acc"] == res_s["test_acc"]
+    ck = str(tmp_path / "ck.pt")
+    _trainer_run(True, checkpoint=ck, iterations=6)  # writes a checkpoint at its end (6 steps = 1 epoch)
+    tr_r, res_r = _trainer_run(True, checkpoint=ck)  # resumes from step 6
+    assert abs(res_r["test_loss"] - res_s["test_loss"]) < 1e-5

@@ -1,0 +1,158 @@
+"""Paper tables: every spec loads and composes (no training), the table schema, spec validation, and a toy
+table end to end (the recipe of results/README.md: a spec with two tiny cells and a few-line builder)."""
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from sparsebench.core.errors import ConfigError
+from sparsebench.tables.runner import build_table, run_cells
+from sparsebench.tables.schema import TABLE_COLUMNS, check_table, rows
+from sparsebench.tables.spec import (MODES, cell_overrides, cell_seeds, expand, load_spec, mode_cells, read_spec,
+                                     table_ids, validate_spec)
+
+IDS = table_ids()
+
+
+def test_every_table_has_a_spec():
+    assert len(IDS) >= 20 and "T003-imp" in IDS
+
+
+_COMPOSED = {}  # signature -> error line or None, shared by the parametrized cases (compose is ~0.1-0.3 s)
+
+
+def _signature(ov):
+    """Group choices and override keys (values dropped): cells that differ only in values compose alike."""
+    return tuple(o if o.split("=", 1)[0] in ("+experiment", "model", "dataset", "method", "trainer", "logger")
+                 else o.split("=", 1)[0] for o in ov)
+
+
+@pytest.mark.parametrize("table_id", IDS)
+def test_spec_composes_in_every_mode(table_id):
+    """Compose (no training) every cell of the spec in every mode it has (cells that differ only in
+    override values are composed once)."""
+    from sparsebench.api import compose
+
+    spec = load_spec(table_id)
+    errors = []
+    for mode in MODES:
+        if mode == "full" and not spec.get("full"):
+            continue
+        for cell in mode_cells(spec, mode):
+            ov = cell_overrides(spec, cell, mode, cell_seeds(spec, cell, mode)[0])
+            sig = _signature(ov)
+            if sig not in _COMPOSED:
+                try:
+                    assert compose(ov).table == table_id
+                    _COMPOSED[sig] = None
+                except ConfigError as err:
+                    _COMPOSED[sig] = str(err)
+            if _COMPOSED[sig]:
+                errors.append(f"[{mode}] {cell.label}: {_COMPOSED[sig]}")
+    assert not errors, "\n".join(errors)
+
+
+def test_quick_preset_wins_over_a_row_delta():
+    """T003-imp's rows set method.rounds; its quick preset's rounds=2 must win, as the old `quick:` list did."""
+    from sparsebench.api import compose
+
+    spec = load_spec("T003-imp")
+    cells = mode_cells(spec, "quick")
+    assert [c.label for c in cells] == ["frankle 20%/10% per round", "algorithm-1 p^(1/n), n=10"]
+    cfg = compose(cell_overrides(spec, cells[0], "quick", 0))
+    assert (cfg.method.rounds, cfg.trainer.iterations, cfg.model.name) == (2, 30, "lenet300_100")
+    cfg = compose(cell_overrides(spec, cells[0], "setting", 0))
+    assert (cfg.method.rounds, cfg.trainer.iterations) == (18, 1500)
+    full = mode_cells(spec, "full")
+    assert [c.label for c in full] == ["frankle 20%/10% per round"]
+    assert compose(cell_overrides(spec, full[0], "full", 0)).trainer.iterations == 50000
+
+
+def test_sweep_expands_to_labelled_cells_with_reported_values():
+    spec = load_spec("T001-3.4")
+    cells = {c.label: c for c in expand(spec)}
+    assert cells["faiss LSH bits=1.5"].params["method.bits"] == 1.5
+    assert cells["faiss LSH bits=1.5"].reported == {"acc": 72.0, "hours": 2.68}
+    assert "method.update_layers=[*conv*.weight,*shortcut.weight]" in \
+        {c.label: c for c in mode_cells(spec, "full")}["faiss LSH bits=8"].overrides
+
+
+def _spec(**kw):
+    base = {"id": "T-toy", "dataset_used": "iris", "scale": "tiny", "builder": "toy_builder:build", "seeds": [0],
+            "rows": [{"label": "lr={trainer.lr}", "overrides": ["method=dense"], "sweep": {"trainer.lr": [0.1, 0.05]},
+                      "reported": {"lr=0.1": {"test_acc": 0.9}}}]}
+    base.update(kw)
+    return base
+
+
+def test_spec_validation_errors():
+    validate_spec(_spec())
+    with pytest.raises(ConfigError, match="not labels"):
+        validate_spec(_spec(rows=[{**_spec()["rows"][0], "reported": {"lr=0.3": {"test_acc": 1}}}]))
+    with pytest.raises(ConfigError, match="duplicate cell label"):
+        validate_spec(_spec(rows=[{"label": "a", "overrides": []}, {"label": "a", "overrides": []}]))
+    with pytest.raises(ConfigError, match="names none of"):
+        validate_spec(_spec(rows=[{"label": "k={method.k}", "sweep": {"trainer.lr": [0.1]}}]))
+    with pytest.raises(ConfigError, match="old spec format"):
+        validate_spec(_spec(runs=[["method=dense"]]))
+    with pytest.raises(ConfigError, match="missing key 'scale'"):
+        validate_spec({k: v for k, v in _spec().items() if k != "scale"})
+    with pytest.raises(ConfigError, match="no .*nope.yaml"):
+        validate_spec(_spec(setting="nope"))
+
+
+def test_schema_of_a_built_table():
+    spec = {"id": "T-x", "dataset_used": "digits", "scale": "tiny"}
+    df = pd.DataFrame([rows(spec, "a", "acc", [0.5, 0.7], 0.6, extra_col=1)])
+    out = check_table(df, "T-x")
+    assert list(out.columns[:len(TABLE_COLUMNS)]) == TABLE_COLUMNS and out["measured"][0] == pytest.approx(0.6)
+    assert out["n_seeds"][0] == 2 and out["measured_std"][0] == pytest.approx(0.1414, abs=1e-3)
+    with pytest.raises(ValueError, match="missing columns"):
+        check_table(df.drop(columns=["reported"]), "T-x")
+    with pytest.raises(ValueError, match="no rows"):
+        check_table(df.iloc[:0], "T-x")
+
+
+TOY_BUILDER = '''
+from sparsebench.tables.schema import rows
+import pandas as pd
+
+def build(spec, runs):
+    return pd.DataFrame([rows(spec, c.label, "test_acc", runs[runs["cell"] == c.index]["test_acc"].tolist(),
+                              c.reported.get("test_acc", "")) for c in spec["cells"]])
+'''
+
+
+def test_toy_table_end_to_end(tmp_path, monkeypatch):
+    """The recipe for a new table: a spec (rows + sweep + reported) and a builder of a few lines."""
+    (tmp_path / "toy_builder.py").write_text(TOY_BUILDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "T-toy.yaml").write_text(textwrap.dedent("""\
+        id: T-toy
+        dataset_used: iris
+        scale: "iris, MLP, 1 epoch"
+        seeds: [0]
+        rows:
+          - label: "dense lr={trainer.lr}"
+            overrides: [dataset=iris, method=dense, trainer.epochs=1]
+            sweep: {trainer.lr: [0.1, 0.05]}
+            reported: {"dense lr=0.1": {test_acc: 0.9}}
+        builder: toy_builder:build
+        """))
+    lines = []
+    path = build_table(read_spec(tmp_path / "T-toy.yaml"), out_dir=tmp_path, extra=[f"out_dir={tmp_path / 'runs'}"],
+                       say=lines.append)
+    df = pd.read_csv(path)
+    assert list(df["setting"]) == ["dense lr=0.1", "dense lr=0.05"]
+    assert df["reported"].iloc[0] == 0.9 and df["reported"].isna().iloc[1]
+    assert df["measured"].between(0, 1).all() and (df["n_seeds"] == 1).all()
+    assert lines[:2] == ["[T-toy] cell 1/2: dense lr=0.1 (seed 0)", "[T-toy] cell 2/2: dense lr=0.05 (seed 0)"]
+    sys.modules.pop("toy_builder", None)
+
+
+def test_failed_cells_are_listed_not_fatal(tmp_path):
+    spec = validate_spec(_spec(rows=[{"label": "ok", "overrides": ["dataset=digits", "method=dense", "trainer.epochs=1"]},
+                                     {"label": "bad", "overrides": ["method=magnitude", "method.density=3"]}]))
+    runs, failed = run_cells(spec, extra=[f"out_dir={tmp_path}"], say=lambda _: None)
+    assert list(runs["label"].unique()) == ["ok"] and len(failed) == 1 and "method.density=3.0" in failed[0]
