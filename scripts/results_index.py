@@ -9,7 +9,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 FORMAT = """## Spec format (`experiments/<ID>.yaml`)
 
-Settings every row of a table shares live in Hydra presets `conf/experiment/<DOC>/<name>.yaml`
+Settings every row of a table shares live in Hydra presets `src/sparsebench/conf/experiment/<DOC>/<name>.yaml`
 (`# @package _global_`: `defaults: [override /model: ..., ...]` plus values). A spec names them and lists
 its rows as deltas; cells are keyed by label, never by position:
 

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dst_helpers import digits_bundle, sparse_mlp
+from sparsebench.api import CONF_DIR
 from sparsebench.config import TrainerConfig
 from sparsebench.core.errors import ConfigError, DataError
 from sparsebench.dst.grow import GROW_CRITERIA, GrowCriterion
@@ -21,7 +22,7 @@ from sparsebench.training.trainer import Trainer
 
 torch.set_num_threads(1)
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = CONF_DIR / "method"
 QUICK = ["trainer.iterations=12", "trainer.batch_size=64", "trainer.device=cpu", "trainer.num_threads=1",
          "method.delta_t=3"]
 TIMING = ("train_seconds", "time_per_epoch", "update_seconds", "update_share")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -33,21 +34,17 @@ from sparsebench.core.threads import torch_threads
 
 
 def find_conf_dir() -> Path:
-    """The config directory: ``$SPARSEBENCH_CONF``, else ``conf/`` shipped inside the package (package
-    data, so a non-editable install runs), else the source checkout's ``conf/``.
+    """The config directory: ``$SPARSEBENCH_CONF``, else ``sparsebench/conf`` shipped inside the package
+    (package data, so a non-editable install runs).
 
     Raises:
-        ConfigError: none of them exists.
+        ConfigError: the directory has no ``config.yaml``.
     """
-    if os.environ.get("SPARSEBENCH_CONF"):
-        return Path(os.environ["SPARSEBENCH_CONF"])
-    packaged = resources.files("sparsebench") / "conf"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    checkout = Path(__file__).resolve().parents[2] / "conf"  # src/sparsebench/api.py -> <repo>/conf
-    if (checkout / "config.yaml").is_file():
-        return checkout
-    raise ConfigError(f"no config directory: neither {packaged} nor {checkout} exists (set SPARSEBENCH_CONF)")
+    path = Path(os.environ["SPARSEBENCH_CONF"]) if os.environ.get("SPARSEBENCH_CONF") else \
+        Path(str(resources.files("sparsebench") / "conf"))
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"{path}: no config.yaml here (set SPARSEBENCH_CONF to a config directory)")
+    return path
 
 
 CONF_DIR = find_conf_dir()
@@ -210,8 +207,15 @@ def execute(cfg: DictConfig, quiet: bool = False) -> pd.DataFrame:
 
                 upload_finished(cfg, run_id, run_dir, say=say)
         else:
+            from sparsebench.training.runtime import stop_requested, stop_signals
+
             prepare_run_dir(cfg, run_id)
-            df = _train(cfg, run_id, run_dir, say)
+            with stop_signals():  # held over the final evaluation and the result files: a late signal lets
+                df = _train(cfg, run_id, run_dir, say)  # the run finish (README, "Running on a cluster")
+                late = stop_requested()
+            if late:
+                print(f"warning: {late} arrived when no training step was left; the run finished and its "
+                      f"result is written", file=sys.stderr, flush=True)
         if cfg.results_csv and is_main():
             atomic_write_csv(cfg.results_csv, df)
     say(format_summary(df))

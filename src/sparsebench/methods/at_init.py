@@ -29,6 +29,7 @@ from sparsebench.sparsity.distributions import check_distribution, get_distribut
 from sparsebench.sparsity.masking import Masking, mask_statistics
 from sparsebench.sparsity.scores import SnipScore
 from sparsebench.sparsity.selection import select_masks
+from sparsebench.core.seeding import derive_seed
 
 
 class PruneAtInit(Method):
@@ -57,7 +58,7 @@ class PruneAtInit(Method):
         model = ctx.new_model()
         masking = ctx.masking(model)
         trainer = ctx.trainer(model, masking)
-        gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 7919)
+        gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "mask_init"))
         masking.set_masks(self.init_masks(model, masking, trainer, gen))
         init = mask_statistics(masking)
         ctx.metrics.log(0, init)

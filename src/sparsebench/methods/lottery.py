@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from sparsebench.config import MethodConfig, check, check_density, check_fraction
+from sparsebench.core.progress import Progress
 from sparsebench.methods import METHODS
 from sparsebench.methods.base import Method
 from sparsebench.sparsity.masking import Masking, mask_statistics
@@ -128,7 +129,10 @@ class LotteryTicketIMP(Method):
             capture.weights = saved["rewind"]
             model.load_state_dict(saved["model"])
             model.to(ctx.device)
+        progress = Progress(cfg.rounds + 1, "IMP rounds", ctx.cfg.trainer.progress, unit="round", initial=first,
+                            say=lambda line: print(line, flush=True))
         for rnd in range(first, cfg.rounds + 1):
+            progress.start(f"round {rnd}")
             if rnd > 0:
                 masking.set_masks(magnitude_masks(masking, imp_round_target(masking, cfg), scope=cfg.scope))
                 rewind(model, masking, capture.weights)
@@ -144,13 +148,14 @@ class LotteryTicketIMP(Method):
                 row.update(self._reinit_control(masking.masks(), rnd))
             rows.append(row)
             ctx.metrics.log(trainer.step, {f"round{rnd}/density": row["density"]})
-            print(f"  round {rnd:2d}  density {row['density']:.4f}  test_acc {row['test_acc']:.4f}", flush=True)
             ctx.save_state("lth_state", {"round": rnd, "rows": rows, "rewind": capture.weights,
                                          "model": model.state_dict()})
+            progress.done(f"  round {rnd:2d}  density {row['density']:.4f}  test_acc {row['test_acc']:.4f}")
+        progress.close()
         return pd.DataFrame(rows)
 
     def _reinit_control(self, masks: Dict[str, torch.Tensor], rnd: int) -> Dict[str, float]:
-        model = self.ctx.new_model(seed_offset=1000 + rnd)
+        model = self.ctx.new_model(seed_name=f"reinit/round{rnd}")
         masking = self.ctx.masking(model)
         masking.set_masks({n: m.to(masking.mask(n).device) for n, m in masks.items()})
         final = self.ctx.trainer(model, masking, prefix=f"reinit{rnd}/").fit()

@@ -42,6 +42,7 @@ from sparsebench.sparsity.selection import SCOPES, magnitude_masks
 from sparsebench.sparsity.units import (DEFAULT_KS, LS_UPDATES, UNIT_CRITERIA, check_ks, hidden_outputs,
                                         prunable_layers, zero_dead_unit_biases)
 from sparsebench.training.callbacks import Callback
+from sparsebench.core.seeding import derive_seed
 
 
 # --------------------------------------------------------------------------- magnitude
@@ -73,7 +74,7 @@ class MagnitudePruning(Method):
         rows.append(self.row(stage="pruned", density=masking.density(), **trainer.evaluate_splits(("val", "test"))))
         if self.cfg.finetune_epochs:
             ft_cfg = OmegaConf.merge(ctx.cfg.trainer, {"epochs": self.cfg.finetune_epochs, "iterations": None})
-            ft = ctx.trainer(model, masking, prefix="finetune/", seed_offset=1, trainer_cfg=ft_cfg).fit()
+            ft = ctx.trainer(model, masking, prefix="finetune/", seed_name="finetune", trainer_cfg=ft_cfg).fit()
             rows.append(self.row(stage="finetuned", density=masking.density(), **ft))
         return pd.DataFrame(rows)
 
@@ -159,7 +160,7 @@ class UnitPrune(Method):
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
         trained_w = {n: masking.weight(n).detach().clone() for n in masking.names}
         names = prunable_layers(masking, cfg.prune_output)
-        gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 17)
+        gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "unit_prune"))
         rows, hists = [], []
         for crit_name in cfg.criteria:
             crit = UNIT_CRITERIA.get(crit_name)()
@@ -233,7 +234,7 @@ class RandomizedPrune(Method):
         trainer = ctx.trainer(model, masking)
         dense = trainer.fit()
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 104729)
+        gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "randomized_prune"))
         rows = []
         for name in cfg.strategies:
             strategy = PRUNE_STRATEGIES.get(name)()
@@ -320,7 +321,7 @@ def resplit(data: DataBundle, train_fraction: float, seed: int) -> DataBundle:
     training, the rest as the test split (val becomes empty). The original test split is dropped."""
     x = torch.cat([data.train.x, data.val.x])
     y = torch.cat([data.train.y, data.val.y])
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 31))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(seed, "resplit")))
     n_tr = int(round(train_fraction * len(y)))
     tr, te = perm[:n_tr], perm[n_tr:]
     return DataBundle(data.name, data.kind, Split(x[tr], y[tr]), Split(x[:0], y[:0]), Split(x[te], y[te]),

@@ -36,6 +36,7 @@ from sparsebench.methods import METHODS
 from sparsebench.methods.base import Method
 from sparsebench.sparsity.distributions import check_distribution, layer_counts, random_masks
 from sparsebench.sparsity.masking import Masking
+from sparsebench.core.seeding import derive_seed
 
 
 def _check_name(registry, key: str, value: str) -> None:
@@ -128,7 +129,7 @@ def init_random_masks(masking: Masking, density: float, distribution: str, seed:
                       erk_power_scale: float = 1.0) -> None:
     """Set uniformly random masks with the exact per-layer counts of ``distribution`` (ER/ERK/uniform)."""
     counts = layer_counts(masking, density, distribution, erk_power_scale=erk_power_scale)
-    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "mask_init"))
     masking.set_masks(random_masks(masking, counts, gen))
 
 
@@ -182,7 +183,7 @@ class DynamicSparse(SparseFromScratch):
     def updater(self, masking, steps_per_epoch):
         cfg = self.cfg
         delta_t = cfg.delta_t if cfg.delta_t_epochs is None else max(1, int(round(cfg.delta_t_epochs * steps_per_epoch)))
-        gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed) + 104729)
+        gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.seed, "grow"))
         grow = GROW_CRITERIA.get(cfg.grow).from_config(cfg, gen)
         return DSTUpdater(masking, grow, d0=float(cfg.drop_fraction), schedule=cfg.drop_fraction_anneal,
                           delta_t=delta_t, t_end=cfg.t_end, update_layers=list(cfg.update_layers),
