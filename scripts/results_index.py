@@ -19,6 +19,7 @@ document: 001_8a77eefa87ff613d.txt
 what: "Table 3.4: LSH index grow, dT=1, 80%"
 dataset_used: mnist
 scale: "honest note on the reduced scale"  # the CSV's scale column appends the preset's overrides
+document_setting: "reduced: MNIST stand-in for CIFAR-100, 3 of 70 epochs"  # "yes" or "reduced: how" (CSV column)
 seeds: [0, 1]
 setting: T001/reduced        # make table-<ID>: +experiment=T001/reduced before each cell
 quick: T001/quick            # QUICK=1 / --quick: its values are applied AFTER each cell (they win over deltas)
@@ -29,7 +30,8 @@ rows:
   - label: "pruned 80% (fixed mask)"
     role: fixed                                    # builder-specific keys stay on the row
     overrides: [method=static_sparse, method.density=0.2, method.distribution=uniform]
-    reported: {acc: 69.94, hours: 0.61}            # the document's numbers, {metric: value}
+    reported: {acc: 69.94, hours: 0.61}            # only the five documents' numbers, {metric: value}
+    # reference: "Evci et al. 2020: ..."           # another paper's claim (CSV column reference, with the citation)
   - label: "faiss LSH bits={method.bits}"          # {key} is filled from the sweep point
     overrides: [method=faiss_grow, method.density=0.2, method.distribution=uniform, method.drop_fraction=0.05]
     sweep: {method.bits: [0.5, 1]}                 # optional grid: cartesian product, first key outermost
@@ -68,8 +70,9 @@ def main() -> int:
              "`make table-full-<ID>` (the document's full setting, into `results/full/`), all with `make tables`. "
              "Benchmarks print their ratios into `results/bench/`.", "", FORMAT,
              "## Tables", "",
-             "| ID | what | dataset used here | presets (setting / quick / full) | scale here | CSV | figure |",
-             "|---|---|---|---|---|---|---|"]
+             "| ID | what | dataset used here | presets (setting / quick / full) | scale here | "
+             "document setting? yes / reduced: how | CSV | figure |",
+             "|---|---|---|---|---|---|---|---|"]
     for spec_path in sorted((ROOT / "experiments").glob("T*.yaml")):
         spec = yaml.safe_load(spec_path.read_text())
         tid = spec["id"]
@@ -78,7 +81,7 @@ def main() -> int:
         presets = " / ".join(str(p or "-") for p in (spec.get("setting"), spec.get("quick"),
                                                      (spec.get("full") or {}).get("preset")))
         lines.append(f"| {tid} | {spec.get('what', '')} | {spec.get('dataset_used', '')} | {presets} | "
-                     f"{spec.get('scale', '')} | "
+                     f"{spec.get('scale', '')} | {spec.get('document_setting') or 'not stated'} | "
                      f"{'[' + csv.name + '](' + csv.name + ')' if csv.is_file() else 'not generated yet'} | "
                      f"{', '.join('[' + p.name + '](' + p.name + ')' for p in png)} |")
     bench = sorted((ROOT / "results" / "bench").glob("*.txt"))

@@ -130,6 +130,38 @@ def test_real_mnist(mnist_root):
     assert abs(float(b.train.x.mean()) - 0.1307) < 1e-3
 
 
+FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+               "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+               "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+               "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}  # torchvision's published sums
+
+
+@pytest.fixture
+def fashion_mnist_root():
+    """``$SPARSEBENCH_DATA`` (tests/conftest.py points it at ../shared/data) when it holds the four
+    FashionMNIST .gz files (the shared copy, or Debian's dataset-fashion-mnist linked there), else skip."""
+    import os
+
+    root = os.environ.get("SPARSEBENCH_DATA")
+    if not root or not all((Path(root) / "FashionMNIST" / "raw" / f).is_file() for f in FASHION_MD5):
+        pytest.skip("real FashionMNIST not present (set SPARSEBENCH_DATA)")
+    return root
+
+
+def test_real_fashion_mnist(fashion_mnist_root):
+    import hashlib
+
+    raw = Path(fashion_mnist_root) / "FashionMNIST" / "raw"
+    assert {f: hashlib.md5((raw / f).read_bytes()).hexdigest() for f in FASHION_MD5} == FASHION_MD5
+    b = load_dataset(DatasetConfig(name="fashion_mnist", root=fashion_mnist_root, val_fraction=0.0,
+                                   standardize=False), seed=0)  # verify_md5 (default) checks them again
+    assert b.train.x.shape == (60000, 1, 28, 28) and b.test.x.shape == (10000, 1, 28, 28)
+    assert b.num_classes == 10 and b.kind == "image"
+    assert torch.bincount(b.train.y, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(b.test.y, minlength=10).tolist() == [1000] * 10
+    assert abs(float(b.train.x.mean()) - 0.2860) < 1e-3 and abs(float(b.test.x.mean()) - 0.2868) < 1e-3
+
+
 def test_torchvision_imports_on_cpu_build():
     from sparsebench.data._torchvision import import_torchvision
 

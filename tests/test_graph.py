@@ -122,7 +122,7 @@ def test_k_must_be_smaller_than_n():
 
 
 def test_backend_registry_metadata():
-    assert backend_names(exact=True) == ["brute", "faiss"]
+    assert backend_names(exact=True) == ["brute", "faiss", "numpy_rows"]
     assert {"faiss_hnsw", "faiss_ivf", "pynndescent"} <= set(backend_names(exact=False))
     assert [n for n in GRAPH_BACKENDS.names() if GRAPH_BACKENDS.get(n).jit] == ["pynndescent"]
     g = knn_graph(np.random.default_rng(0).normal(size=(50, 3)), 3, "faiss_hnsw")
@@ -164,3 +164,13 @@ def test_smallest_k_matches_topk(m):
     np.testing.assert_array_equal(np.sort(i.numpy(), 1), np.sort(i0.numpy(), 1))
     np.testing.assert_array_equal(np.sort(v.numpy(), 1), np.sort(v0.numpy(), 1))
     assert (d.gather(1, i) == v).all()
+
+
+def test_numpy_rows_backend_is_the_exact_graph():
+    """Document 000's naive per-row brute force gives brute's graph (same neighbours, same distances)."""
+    x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
+    a, b = knn_graph(x, 5, "numpy_rows"), knn_graph(x, 5, "brute")
+    assert a.exact and GRAPH_BACKENDS.get("numpy_rows").exact
+    np.testing.assert_array_equal(np.sort(a.indices, 1), np.sort(b.indices, 1))
+    np.testing.assert_allclose(np.sort(a.distances, 1), np.sort(b.distances, 1), rtol=1e-5, atol=1e-5)
+    assert not (a.indices == np.arange(300)[:, None]).any()  # self excluded

@@ -116,3 +116,70 @@ def test_cli_sigterm_exits_with_requeue_code_and_one_line(tmp_path):
     assert p.returncode == 144, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM at step"), lines
+
+
+# ----------------------------------------------------------------- a signal after the last training step
+def test_sigterm_after_the_last_step_finishes_the_run(tmp_path, monkeypatch, reference, capfd):
+    """During the final evaluation and while the result files are written a SIGTERM is only noted: the
+    run finishes (summary written, metrics of an uninterrupted run) with one warning line."""
+    import sparsebench.api as api
+
+    orig_eval, orig_json, seen = Trainer.evaluate_splits, api.atomic_write_json, []
+
+    def evaluate_splits(self, splits=("val", "test")):
+        if self.step == self.total_steps and not seen:
+            seen.append("eval")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig_eval(self, splits)
+
+    def atomic_write_json(path, obj):  # the handler must still be ours while the summary is written
+        seen.append(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)
+        if seen[-1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig_json(path, obj)
+
+    monkeypatch.setattr(Trainer, "evaluate_splits", evaluate_splits)
+    monkeypatch.setattr(api, "atomic_write_json", atomic_write_json)
+    capfd.readouterr()
+    execute(compose([f"out_dir={tmp_path}", *BASE]), quiet=True)
+    assert seen == ["eval", True]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: SIGTERM arrived when no training step was left"), err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and runtime.stop_requested() is None
+    m, s, run = _metrics(tmp_path)
+    pd.testing.assert_frame_equal(m, reference[0])
+    assert (run / "summary.json").is_file()
+
+
+# ----------------------------------------------------------------- a corrupt method state (IMP)
+IMP = ["method=lth_imp", "method.rounds=2", "dataset=iris", "trainer.epochs=3", "trainer.progress=false"]
+
+
+def test_corrupt_imp_state_falls_back_to_the_previous_one(tmp_path, monkeypatch, capfd):
+    ref = tmp_path / "ref"
+    execute(compose([f"out_dir={ref}", *IMP]), quiet=True)
+    orig = Trainer.train_step
+
+    def train_step(self, x, y):  # SIGTERM in round 2's second epoch (after its first evaluation)
+        if self.prefix == "round2/" and self.step == self.steps_per_epoch + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    out = tmp_path / "cut"
+    with pytest.raises(runtime.Preempted):
+        execute(compose([f"out_dir={out}", *IMP]), quiet=True)
+    monkeypatch.undo()
+    (run,) = list(out.iterdir())
+    newest, prev = run / "checkpoints" / "lth_state.pt", run / "checkpoints" / "lth_state.prev.pt"
+    assert prev.is_file()  # save_state keeps the previous version, like the trainer's checkpoints
+    newest.write_bytes(newest.read_bytes()[:500])  # truncated
+    capfd.readouterr()
+    execute(compose([f"out_dir={out}", *IMP]), quiet=True)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and str(newest) in err[0] and "lth_state.prev.pt" in err[0], err
+    m, s, _ = _metrics(out)
+    ref_m, ref_s, _ = _metrics(ref)
+    pd.testing.assert_frame_equal(m, ref_m)
+    cols = [c for c in ref_s.columns if c not in ("train_seconds", "run_id")]
+    pd.testing.assert_frame_equal(s[cols], ref_s[cols])

@@ -156,3 +156,48 @@ def test_failed_cells_are_listed_not_fatal(tmp_path):
                                      {"label": "bad", "overrides": ["method=magnitude", "method.density=3"]}]))
     runs, failed = run_cells(spec, extra=[f"out_dir={tmp_path}"], say=lambda _: None)
     assert list(runs["label"].unique()) == ["ok"] and len(failed) == 1 and "method.density=3.0" in failed[0]
+
+
+# --------------------------------------------------------------------------- verdicts from seed spread
+def test_compare_holds_only_outside_the_noise():
+    from sparsebench.tables.schema import combine, compare
+
+    clear = compare([0.90, 0.91, 0.92], [0.80, 0.81, 0.79])
+    assert clear["verdict"] == "holds" and clear["test"] == "welch t" and clear["ci_low"] > 0 and clear["p"] < 0.01
+    assert abs(clear["diff"] - 0.11) < 1e-9
+    # a mean difference inside the seed spread is not a "holds"
+    noisy = compare([0.90, 0.80, 0.95], [0.85, 0.88, 0.84])
+    assert noisy["diff"] > 0 and noisy["verdict"] == "not resolved" and noisy["ci_low"] < 0 < noisy["ci_high"]
+    assert compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.92])["verdict"] == "reversed"
+    # one seed on a side: never decided, whatever the means
+    assert compare([0.99], [0.10, 0.11])["verdict"] == "not resolved (n=1)"
+    assert compare([0.99, 0.98], [0.10])["verdict"] == "not resolved (n=1)"
+    # identical per-seed differences: no spread, no test
+    assert compare([0.5, 0.6], [0.4, 0.5], paired=True)["verdict"] == "not resolved (no spread)"
+    # the Welch interval matches scipy's t-test (same p-value)
+    from scipy import stats
+
+    a, b = [0.90, 0.80, 0.95, 0.91], [0.85, 0.88, 0.84]
+    assert abs(compare(a, b)["p"] - stats.ttest_ind(a, b, equal_var=False).pvalue) < 1e-9
+
+
+def test_compare_paired_margin_threshold_and_combine():
+    from sparsebench.tables.schema import combine, compare
+
+    # paired: a constant per-seed offset is resolved even when the seeds spread widely
+    a, b = [0.70, 0.80, 0.90], [0.69, 0.785, 0.89]
+    assert compare(a, b)["verdict"] == "not resolved"
+    p = compare(a, b, paired=True)
+    assert p["test"] == "paired t" and p["verdict"] == "holds"
+    with pytest.raises(ValueError, match="paired"):
+        compare([1, 2, 3], [1, 2], paired=True)
+    # margin: "within one point of dense" holds for a ticket 0.2 points below, not for 3 points below
+    dense = [0.980, 0.982, 0.981]
+    assert compare([0.978, 0.981, 0.979], dense, paired=True, margin=0.01)["verdict"] == "holds"
+    assert compare([0.950, 0.953, 0.951], dense, paired=True, margin=0.01)["verdict"] == "reversed"
+    # scalar b: one-sample t against a threshold
+    t = compare([0.10, 0.11, 0.09], 0.02)
+    assert t["test"] == "one-sample t" and t["verdict"] == "holds"
+    assert combine(["holds", "holds"]) == "holds"
+    assert combine(["holds", "reversed", "not resolved"]) == "reversed"
+    assert combine(["holds", "not resolved (n=1)"]) == "not resolved (n=1)"

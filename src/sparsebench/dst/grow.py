@@ -82,6 +82,7 @@ class GrowCriterion:
         self.generator = generator
         self.stats: Dict[str, float] = {}
         self._hints: Dict[str, Dict[str, float]] = {}  # topk_indices thresholds per layer
+        self._memo: dict = {}  # topk_indices' fixed sample positions (derived data, not checkpointed)
 
     @classmethod
     def from_config(cls, cfg, generator: torch.Generator) -> "GrowCriterion":
@@ -102,7 +103,8 @@ class GrowCriterion:
         s = self.scores(layer)
         if s is None:
             return self.random_fill(layer, layer.n)
-        return topk_indices(s.view(-1), layer.n, hint=self._hints.setdefault(layer.name, {}), exclude=layer.mask_flat)
+        return topk_indices(s.view(-1), layer.n, hint=self._hints.setdefault(layer.name, {}), exclude=layer.mask_flat,
+                            memo=self._memo)
 
     def random_fill(self, layer: LayerUpdate, n: int, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``n`` random growable positions (not in ``exclude``), counted in ``stats['random_fill']``."""

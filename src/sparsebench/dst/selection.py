@@ -54,19 +54,19 @@ def random_growable(mask_flat: torch.Tensor, n: int, generator: torch.Generator,
     return cand[perm[:n]]
 
 
-_SAMPLES: Dict[Tuple[int, int, str], torch.Tensor] = {}
-
-
-def _sample_positions(N: int, size: int, device: torch.device) -> torch.Tensor:
+def _sample_positions(N: int, size: int, device: torch.device, memo: Optional[dict] = None) -> torch.Tensor:
     """A fixed random sample (with replacement) of ``size`` positions in ``[0, N)``, drawn once per
     ``(N, size, device)`` from a generator seeded by ``(N, size)`` alone (the same sample in every
     process, whatever was drawn before: a resumed run selects exactly like an uninterrupted one):
-    the scores change between calls, so a fixed sample stays a random one."""
-    key = (N, size, str(device))
-    idx = _SAMPLES.get(key)
+    the scores change between calls, so a fixed sample stays a random one. ``memo`` (the caller's
+    per-layer hint dict, when it keeps one) holds the sample between calls; nothing is cached globally."""
+    key = ("sample", N, size, str(device))
+    idx = memo.get(key) if memo is not None else None
     if idx is None:
         gen = torch.Generator().manual_seed(20200701 + 1_000_003 * N + size)
-        idx = _SAMPLES[key] = torch.randint(0, N, (size,), generator=gen).to(device)
+        idx = torch.randint(0, N, (size,), generator=gen).to(device)
+        if memo is not None:
+            memo[key] = idx
     return idx
 
 
@@ -111,7 +111,7 @@ def _beyond(arr: np.ndarray, t: float, largest: bool,
 
 
 def _topk_np(arr: np.ndarray, n: int, largest: bool, sample: int, hint: Optional[Dict[str, float]],
-             exclude: Optional[np.ndarray]) -> np.ndarray:
+             exclude: Optional[np.ndarray], memo: Optional[dict] = None) -> np.ndarray:
     N = arr.size
     margin = hint.get("m", 1.25) if hint is not None else 1.25
     t = hint.get("t") if hint is not None else None
@@ -128,7 +128,7 @@ def _topk_np(arr: np.ndarray, n: int, largest: bool, sample: int, hint: Optional
             t = 0.5 * t if largest else 2.0 * t
     got = None
     if N >= 16384 and n <= N // 16:
-        pos = host_view(_sample_positions(N, min(sample, N // 8), torch.device("cpu")))
+        pos = host_view(_sample_positions(N, min(sample, N // 8), torch.device("cpu"), memo))
         sub = arr[pos] if exclude is None else arr[pos[exclude[pos] == 0]]
         size = sub.size
         if size:
@@ -152,7 +152,7 @@ def _topk_np(arr: np.ndarray, n: int, largest: bool, sample: int, hint: Optional
 
 
 def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
-                 hint: Optional[Dict[str, float]] = None, exclude=None):
+                 hint: Optional[Dict[str, float]] = None, exclude=None, memo: Optional[dict] = None):
     """Indices of the ``n`` largest (smallest) entries of a 1-D ``scores``, skipping positions where
     ``exclude`` (same shape, 0/1) is non-zero: exact, like ``torch.topk`` (the same set up to ties;
     the order is unspecified). ``scores`` is a tensor or a numpy array; the result is of the same
@@ -184,7 +184,7 @@ def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
     if isinstance(arr, np.ndarray):
         ex = None if exclude is None else host_view(exclude)
         if ex is None or isinstance(ex, np.ndarray):
-            return torch.from_numpy(_topk_np(arr, n, largest, sample, hint, ex))
+            return torch.from_numpy(_topk_np(arr, n, largest, sample, hint, ex, memo))
     if exclude is not None:
         bad = exclude.to(torch.bool)
         if int((~bad).sum()) < n:
@@ -194,7 +194,7 @@ def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
     if N < 16384 or n > N // 16:
         return torch.topk(scores, n, largest=largest, sorted=False).indices
     size = min(sample, N // 8)
-    sub = scores.index_select(0, _sample_positions(N, size, scores.device))
+    sub = scores.index_select(0, _sample_positions(N, size, scores.device, memo))
     p = n / N
     frac = min(1.0, 1.2 * p + 4.0 * math.sqrt(p * (1 - p) / size) + 2.0 / size)  # quantile + 4 std margin
     k = max(1, int(frac * size))

@@ -86,6 +86,7 @@ class DSTUpdater(Callback):
         self.t_end = 0
         self.active_idx: Dict[str, torch.Tensor] = {}
         self._drop_hints: Dict[str, Dict[str, float]] = {}  # topk_indices thresholds, per layer
+        self._memo: dict = {}  # topk_indices' fixed sample positions (derived data, not checkpointed)
         self.update_seconds = 0.0
         self.updates = 0
         self.changed = 0
@@ -188,7 +189,7 @@ class DSTUpdater(Callback):
             if not all(isinstance(v, np.ndarray) for v in views):
                 W, M, A = w.detach().view(-1), m_flat, active
             drop_slots = topk_indices(self.drop_scores(W, A), n, largest=False,
-                                      hint=self._drop_hints.setdefault(name, {}))
+                                      hint=self._drop_hints.setdefault(name, {}), memo=self._memo)
             dropped = A[drop_slots]
             if self.allow_regrow:
                 M[dropped] = 0

@@ -13,6 +13,7 @@ name            exact   what
 ``faiss_ivf``   no      faiss ``IndexIVFFlat`` (inverted file over a k-means coarse quantiser)
 ``faiss_hnsw``  no      faiss ``IndexHNSWFlat`` (Malkov & Yashunin 2018)
 ``pynndescent`` no      NN-descent (Dong, Moses & Li 2011) as implemented by pynndescent (McInnes)
+``numpy_rows``  yes     document 000's naive brute force: one NumPy distance row per query (O(n^2 d))
 =============== ======= ==============================================================================
 
 A backend's thread count (``num_threads``) is applied only inside :meth:`NeighborBackend.threads`,
@@ -339,6 +340,46 @@ class NNDescentBackend(NeighborBackend):
         self.index = self._index(x, k + 1)
         idx, d = self.index.neighbor_graph
         return drop_self(d.astype(np.float32), idx.astype(np.int64), k)
+
+
+@GRAPH_BACKENDS.register("numpy_rows")
+class NumpyRowsBackend(NeighborBackend):
+    """Document 000's contrast: a "naive brute force implementation hand written in python"
+    (Algorithm BRUTE-KNN, "compare to every other point"), one query at a time.
+
+    For each query row ``q``: ``||x_j - q||`` to every base point in one NumPy expression
+    (``sqrt(((x - q) ** 2).sum(1))``, float32, no BLAS), the point itself set to ``inf`` for a
+    self-graph, ``argpartition`` for the ``k`` smallest, sorted by distance. Exact; time grows as
+    ``n^2 d`` with a Python loop over the ``n`` rows (single-threaded), so on large sets time it on a
+    subset (``method.n_samples``) and extrapolate quadratically (the T000-lpa-mnist builder does).
+    """
+
+    name, exact = "numpy_rows", True
+
+    def fit(self, base):
+        self.base = np.ascontiguousarray(base, dtype=np.float32)
+        return self
+
+    def _search(self, queries, k, exclude_self):
+        n = self.base.shape[0]
+        k = min(int(k), n - int(exclude_self))
+        dist = np.empty((len(queries), k), np.float32)
+        idx = np.empty((len(queries), k), np.int64)
+        for i, q in enumerate(np.asarray(queries, dtype=np.float32)):
+            d = np.sqrt(((self.base - q) ** 2).sum(1))
+            if exclude_self:
+                d[i] = np.inf
+            j = np.argpartition(d, k - 1)[:k] if k < n else np.arange(n)
+            j = j[np.argsort(d[j], kind="stable")]
+            dist[i], idx[i] = d[j], j
+        return dist, idx
+
+    def query(self, queries, k):
+        return self._search(queries, k, exclude_self=False)
+
+    def graph(self, x, k):
+        self.fit(x)
+        return self._search(self.base, k, exclude_self=True)
 
 
 def warmup(backend: str = "pynndescent", query: bool = False, **params) -> float:

@@ -31,6 +31,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from sparsebench.core.errors import ConfigError
+from sparsebench.core.progress import Progress
 from sparsebench.graph.affinity import EDGE_WEIGHTS, affinity, normalized_affinity
 from sparsebench.graph.backends import GRAPH_BACKENDS, warmup
 from sparsebench.graph.knn import check_k, knn_graph, knn_search
@@ -61,6 +62,9 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         num_threads: torch / faiss / numba threads during ``fit`` (restored afterwards; None: defaults).
         random_state: int seed of randomised PCA and index construction (None: 0).
         callback: ``callback(iteration, residual)`` after each solver iteration.
+        progress: report the three stages of ``fit`` (pca, graph, propagation): a tqdm bar on a terminal,
+            else one line per stage on stdout (:class:`~sparsebench.core.progress.Progress`); ``None``: the
+            bar when stderr is a terminal, else the lines; ``False`` (default): silent.
 
     Raises (from ``fit``):
         ConfigError (a ``ValueError``) naming the parameter: a value out of range or an unknown name,
@@ -72,7 +76,7 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
                  heat_neighbor: int = 7, scale: bool = False, pca_components: Optional[int] = None,
                  pca_solver: str = "covariance", graph_params: Optional[dict] = None,
                  num_threads: Optional[int] = None, random_state: Optional[int] = None,
-                 callback: Optional[Callable[[int, float], None]] = None):
+                 callback: Optional[Callable[[int, float], None]] = None, progress: Optional[bool] = False):
         self.n_neighbors = n_neighbors
         self.alpha = alpha
         self.graph = graph
@@ -89,6 +93,7 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         self.num_threads = num_threads
         self.random_state = random_state
         self.callback = callback
+        self.progress = progress
 
     # ------------------------------------------------------------------ validation
     def check_params(self, names: Optional[Mapping[str, str]] = None) -> None:
@@ -175,19 +180,27 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         check_k(self.n_neighbors, n, key="n_neighbors")
         Y = seed_matrix(codes, labelled, len(self.classes_))
 
-        with torch_threads(self.num_threads):
+        stages = Progress(3, "LPA", self.progress, unit="stage",
+                          say=(lambda line: print(line, flush=True)) if self.progress is not False else None)
+        with torch_threads(self.num_threads), stages:
+            stages.start("pca")
             t0 = time.perf_counter()
             z = self._fit_features(X)
             t_pca = time.perf_counter() - t0
+            stages.done(f"  LPA pca         {t_pca:8.2f} s  ({z.shape[1]} features)")
 
+            stages.start(f"graph ({self.graph})")
             g = knn_graph(z, int(self.n_neighbors), backend=self.graph, **self._backend_params())
+            stages.done(f"  LPA graph       {g.seconds:8.2f} s  ({self.graph}, k={self.n_neighbors})")
 
+            stages.start(f"propagation ({self.solver})")
             t1 = time.perf_counter()
             W = affinity(g, self.weighting, heat_neighbor=self.heat_neighbor)
             S = normalized_affinity(W)
             res = label_spreading(S, Y, alpha=self.alpha, solver=self.solver, max_iter=self.max_iter, tol=self.tol,
                                   cg_rtol=self.cg_rtol, callback=self.callback)
             t_prop = time.perf_counter() - t1
+            stages.done(f"  LPA propagation {t_prop:8.2f} s  ({self.solver}, {res.iterations} iterations)")
 
         self.X_, self.graph_, self.n_edges_ = z, g, int(W.nnz)
         self.n_iter_, self.converged_, self.residual_ = res.iterations, bool(res.converged), res.residual

@@ -12,7 +12,8 @@ test splits of the dataset are pooled (MNIST: 60 000 + 10 000 = 70 000 images, a
 document). The dataset is loaded with ``standardize=false`` whatever ``dataset.standardize`` says,
 so the pipeline sees raw features (MNIST pixels / 255, Digits' 0..16 counts) and scales them to
 [0, 1] itself. ``n_samples`` keeps a seeded random subset of the pool (smoke tests). The trainer
-group is composed but unused, except ``trainer.device`` (the ``brute`` backend runs on that device).
+group is composed but unused, except ``trainer.device`` (the ``brute`` backend runs on that device)
+and ``trainer.progress`` (the stage report of :class:`~sparsebench.graph.estimator.LabelSpreading`).
 
 The run's ``seed`` seeds the label mask and, for ``kann_lpa``, randomised index construction.
 """
@@ -40,7 +41,7 @@ from sparsebench.methods.base import Method
 #: estimator parameter -> config key, where the config keeps document 000's name
 CONFIG_KEYS = {"n_neighbors": "k", "graph": "backend"}
 #: estimator parameters supplied by the run, not by config keys
-RUN_PARAMS = ("graph_params", "random_state", "callback")
+RUN_PARAMS = ("graph_params", "random_state", "callback", "progress")
 
 
 @dataclass
@@ -87,15 +88,17 @@ class LPAConfig(MethodConfig):
         """Graph-backend parameters of this config (``LabelSpreading(graph_params=...)``)."""
         return {"block_size": self.block_size}
 
-    def estimator(self, seed: int = 0, device=None, callback=None) -> LabelSpreading:
+    def estimator(self, seed: int = 0, device=None, callback=None, progress=False) -> LabelSpreading:
         """The :class:`LabelSpreading` of this config: every estimator parameter read from the config key
-        of the same name (or its :data:`CONFIG_KEYS` name); ``device`` goes to the ``brute`` backend."""
+        of the same name (or its :data:`CONFIG_KEYS` name); ``device`` goes to the ``brute`` backend,
+        ``progress`` (the run's ``trainer.progress``) to the estimator's stage report."""
         params = {p: getattr(self, CONFIG_KEYS.get(p, p)) for p in LabelSpreading._get_param_names()
                   if p not in RUN_PARAMS}
         graph_params = {k: v for k, v in self.backend_params().items() if v is not None}
         if self.backend == "brute" and device is not None:
             graph_params["device"] = device
-        return LabelSpreading(**params, graph_params=graph_params, random_state=seed, callback=callback)
+        return LabelSpreading(**params, graph_params=graph_params, random_state=seed, callback=callback,
+                              progress=progress)
 
 
 @dataclass
@@ -167,7 +170,7 @@ class _LPAMethod(Method):
         check_k(c.k, len(y), key="method.k")
         labelled = mask_labels(y, c.mask_fraction, seed, C, key="method.mask_fraction")
         log = (lambda it, r: self.ctx.metrics.log(it, {"residual": r})) if c.log_iterations else None
-        est = c.estimator(seed, device=self.ctx.device, callback=log)
+        est = c.estimator(seed, device=self.ctx.device, callback=log, progress=self.ctx.cfg.trainer.progress)
         t_warm = warmup_pipeline(est)
         est.fit(x, np.where(labelled, y, -1))
 

@@ -14,8 +14,18 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from sparsebench.core.errors import SparsebenchError
+from sparsebench.core.progress import Progress
 from sparsebench.tables.schema import RESULTS, write_table
 from sparsebench.tables.spec import cell_overrides, cell_seeds, describe, get_builder, load_spec, mode_cells
+
+
+def progress_setting(overrides: Sequence[str]) -> Optional[bool]:
+    """``trainer.progress`` as given among a table's extra ``overrides`` (``None`` when absent or null)."""
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key == "trainer.progress" and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return None
 
 
 def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seeds: Optional[List[int]] = None,
@@ -23,27 +33,40 @@ def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seed
     """Execute every cell of ``spec`` in ``mode`` for each of its seeds (or ``seeds``).
 
     Returns the concatenated run summaries, with columns ``cell`` (index in the spec) and ``label``
-    added, and the list of failed cells (``"overrides: error"``). ``say`` gets one progress line per
-    cell and seed.
+    added, and the list of failed cells (``"overrides: error"``). Progress (``trainer.progress`` among
+    ``extra``, default on a terminal): a tqdm bar over the cells on a terminal, else ``say`` gets one
+    line per cell and seed. A SIGTERM / SIGUSR1 stops the table before its next cell (:class:`Preempted`).
     """
     from sparsebench.api import compose, execute
-    from sparsebench.training.runtime import Preempted
+    from sparsebench.training.runtime import Preempted, stop_requested, stop_signals
 
     cells = mode_cells(spec, mode)
     jobs = [(c, s) for c in cells for s in (seeds if seeds is not None else cell_seeds(spec, c, mode))]
     frames, failed = [], []
-    for n, (cell, seed) in enumerate(jobs, 1):
-        ov = cell_overrides(spec, cell, mode, seed) + list(extra)
-        say(f"[{spec['id']}] cell {n}/{len(jobs)}: {cell.label} (seed {seed})")
-        try:
-            df = execute(compose(ov), quiet=True)
-        except Preempted:  # SIGTERM / SIGUSR1: stop the table (the cell resumes on the rerun)
-            raise
-        except SparsebenchError as err:
-            failed.append(f"{' '.join(ov)}: {err}")
-            say(f"[{spec['id']}]   failed: {err}")
-            continue
-        frames.append(df.assign(cell=cell.index, label=cell.label))
+    progress = Progress(len(jobs), spec["id"], progress_setting(extra), unit="cell", say=say)
+    try:
+        with stop_signals():  # one stop request for the whole table: no cell starts after a signal
+            for n, (cell, seed) in enumerate(jobs, 1):
+                if stop_requested():
+                    raise Preempted(f"{stop_requested()} after cell {n - 1}/{len(jobs)} of {spec['id']}; rerun the "
+                                    f"same command to continue (finished cells are reused)")
+                ov = cell_overrides(spec, cell, mode, seed) + list(extra)
+                progress.start(f"{cell.label} (seed {seed})")
+                if progress.bar is None:  # one line per cell without a bar
+                    say(f"[{spec['id']}] cell {n}/{len(jobs)}: {cell.label} (seed {seed})")
+                try:
+                    df = execute(compose(ov), quiet=True)
+                except Preempted:  # SIGTERM / SIGUSR1: stop the table (the cell resumes on the rerun)
+                    raise
+                except SparsebenchError as err:
+                    failed.append(f"{' '.join(ov)}: {err}")
+                    progress.write(f"[{spec['id']}]   failed: {err}")
+                    progress.done()
+                    continue
+                frames.append(df.assign(cell=cell.index, label=cell.label))
+                progress.done()
+    finally:
+        progress.close()
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), failed
 
 

@@ -31,7 +31,7 @@ class Preempted(SparsebenchError):
     prefix = "stopped"
 
 
-_stop = {"signal": None}
+_stop = {"signal": None, "active": False}
 
 
 def stop_requested() -> Optional[str]:
@@ -43,7 +43,12 @@ def stop_requested() -> Optional[str]:
 def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
     """Turn ``signals`` into a stop request (:func:`stop_requested`) for the block; the previous
     handlers are restored afterwards. A second signal while one is pending is ignored (the checkpoint is
-    being written). Outside the main thread (where Python cannot install handlers) this does nothing."""
+    being written). Nested blocks share the outermost one's handlers and request (a table's cells, a
+    run's training and result writing). Outside the main thread (where Python cannot install handlers)
+    this does nothing."""
+    if _stop["active"]:
+        yield
+        return
     _stop["signal"] = None
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -53,12 +58,13 @@ def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
         _stop["signal"] = signal.Signals(signum).name
 
     old = {s: signal.signal(s, handler) for s in signals}
+    _stop["active"] = True
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _stop["signal"] = None
+        _stop["signal"], _stop["active"] = None, False
 
 
 def resolve_device(name: str) -> torch.device:

@@ -302,11 +302,11 @@ class Trainer:
         return final
 
     def _progress_bar(self):
-        """A tqdm bar over the steps (``trainer.progress``; null = when stderr is a terminal; rank 0 only)."""
-        from sparsebench.core.distributed import is_main
+        """A tqdm bar over the steps (``trainer.progress``; null = when stderr is a terminal; rank 0 only:
+        :func:`~sparsebench.core.progress.progress_on`)."""
+        from sparsebench.core.progress import progress_on
 
-        on = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
-        if not on or not is_main():
+        if not progress_on(self.cfg.progress):
             return None
         from tqdm import tqdm
 

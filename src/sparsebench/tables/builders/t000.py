@@ -4,6 +4,10 @@ randomized pruning (T000-random-prune).
 Spec keys used beyond the common ones (see :mod:`sparsebench.tables.spec`):
 
 ``metrics``  summary columns reported per cell (default: :data:`LPA_METRICS`)
+``extrapolate_to`` (row key) label of a reference cell: the row's graph was timed on a subset
+             (``method.n_samples``); :func:`lpa_table` adds ``graph_seconds_extrapolated`` =
+             graph_seconds * (n_ref / n)^2 (quadratic: every point against every point) and
+             ``graph_speedup`` = that / the reference cell's graph_seconds, per seed (same table run)
 ``knn``      T000-knn only: ``dataset``, ``sizes``, ``k``, ``backends``, ``pca_components``, ``seeds``,
              ``reported`` (``{backend: {metric: value}}``)
 
@@ -20,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from sparsebench.tables.figures import pyplot, save_figure
-from sparsebench.tables.schema import rows
+from sparsebench.tables.schema import combine, compare, describe, rows
 
 LPA_METRICS = ["acc_masked", "acc_all", "total_seconds", "pca_seconds", "graph_seconds", "propagation_seconds",
                "iterations", "recall"]
@@ -48,7 +52,37 @@ def lpa_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
             if m == "recall" and not any(v == v for v in vals) and rep == "":
                 continue  # exact backend: recall is 1 by definition and not measured
             out.append(rows(spec, label, m, vals, rep, **extra))
+    out += _extrapolated(spec, runs, reported)
     return pd.DataFrame(out)
+
+
+def _extrapolated(spec: dict, runs: pd.DataFrame, reported: dict) -> List[dict]:
+    """Rows of the cells with an ``extrapolate_to`` reference (see the module docstring)."""
+    out: List[dict] = []
+    by_label = {str(lab): g for lab, g in runs.groupby("label")}
+    for c in spec["cells"]:
+        ref = c.row.get("extrapolate_to")
+        if not ref or c.label not in by_label:
+            continue
+        if ref not in {x.label for x in spec["cells"]}:
+            raise ValueError(f"table {spec['id']}, cell {c.label}: extrapolate_to '{ref}' is not a cell label")
+        if ref not in by_label:
+            continue
+        pair = by_label[c.label][["seed", "n", "graph_seconds"]].merge(
+            by_label[ref][["seed", "n", "graph_seconds"]], on="seed", suffixes=("", "_ref"))
+        scale = (pair["n_ref"] / pair["n"]) ** 2
+        ext = pair["graph_seconds"] * scale
+        note = (f"graph timed on n={int(pair['n'].iloc[0])} points, extrapolated quadratically to the "
+                f"{ref} cell's n={int(pair['n_ref'].iloc[0])}: x (n_ref/n)^2 = x{float(scale.iloc[0]):.1f}; "
+                f"speed-up = extrapolated / {ref} graph_seconds, per seed, same table run")
+        extra = {"backend": by_label[c.label]["backend"].iloc[0], "dataset": by_label[c.label]["dataset"].iloc[0],
+                 "note": note}
+        rep = reported.get(c.label, {})
+        out.append(rows(spec, c.label, "graph_seconds_extrapolated", ext.tolist(),
+                        rep.get("graph_seconds_extrapolated", ""), **extra))
+        out.append(rows(spec, f"{c.label} vs {ref}", "graph_speedup", (ext / pair["graph_seconds_ref"]).tolist(),
+                        rep.get("graph_speedup", ""), **extra))
+    return out
 
 
 def k_sweep(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
@@ -163,19 +197,26 @@ T000_REPORTED = {"none": 0.8768, "threshold": 0.8663, "random": 0.6456, "importa
 def t000_random_prune(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T000-random-prune: test accuracy per strategy (mean over seeds of each seed's mean over random
     draws) beside the document's FashionMNIST values; the ordering of the document
-    (none > fractional threshold > threshold > importance-weighted random > random) is checked."""
+    (none > fractional threshold > threshold > importance-weighted random > random) is checked pair by
+    adjacent pair with :func:`compare` (paired t by seed: every strategy prunes the same trained net),
+    the pairs' verdicts combined into ``ordering_holds``."""
     mean = runs.groupby("strategy")["test_acc"].mean()
     rep_order = sorted(T000_REPORTED, key=lambda k: -T000_REPORTED[k])
     meas_order = [k for k in sorted(mean.index, key=lambda k: -mean[k]) if k in T000_REPORTED]
-    holds = meas_order == [k for k in rep_order if k in meas_order]
-    note = "measured: " + " > ".join(meas_order) + "; reported: " + " > ".join(rep_order)
+    by_seed = runs.pivot_table(index="seed", columns="strategy", values="test_acc", aggfunc="mean")
+    present = [k for k in rep_order if k in by_seed.columns]
+    tests = [(a, b, compare(by_seed[a], by_seed[b], paired=True)) for a, b in zip(present, present[1:])]
+    holds = combine([c["verdict"] for _, _, c in tests]) if tests else None
+    note = ("measured: " + " > ".join(meas_order) + "; reported: " + " > ".join(rep_order) + "; "
+            + "; ".join(describe(c, f"{a} - {b}") for a, b, c in tests))
     out = []
     for strat, g in runs.groupby("strategy", sort=False):
         out.append(rows(spec, strat, "test_acc", g["test_acc"].tolist(), T000_REPORTED.get(strat, ""),
                         strategy=strat, layer=g["layer"].iloc[0], fraction=float(g["fraction"].iloc[0]),
                         pruned=float(g["pruned"].mean()), layer_size=int(g["layer_size"].iloc[0]),
                         draws=int(g["draws"].iloc[0]), within_draw_std=float(g["test_acc_std"].mean()),
-                        ordering_holds=holds, note=note))
+                        ordering_holds=holds, test="paired t by seed per adjacent pair of the reported order",
+                        note=note))
     return pd.DataFrame(out)
 
 

@@ -1,7 +1,8 @@
 """Builders of document 002's tables (T002-weight, T002-unit, T002-magnitudes, T002-time).
 
 Each returns the long-format table plus an ``ordering_holds`` column where the document states an
-ordering (True / False, the measured ordering in ``note``) and draws ``results/<ID>.png``."""
+ordering (the verdict of :func:`sparsebench.tables.schema.compare` over seeds, the test in ``test``,
+the measured ordering and interval in ``note``) and draws ``results/<ID>.png``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from sparsebench.tables.figures import pyplot, save_figure
-from sparsebench.tables.schema import rows
+from sparsebench.tables.schema import compare, describe, rows
 
 def _critical_k(g: pd.DataFrame, drop: float = 0.05) -> float:
     """Smallest k whose mean test accuracy is more than ``drop`` below the k = 0 accuracy (inf if none)."""
@@ -27,21 +28,28 @@ T002_REPORTED = {"weight": "figure only: robust until a high k, then degrades",
 
 
 def _t002_curve(spec: dict, runs: pd.DataFrame, criterion: str) -> pd.DataFrame:
+    """Ordering "unit pruning degrades sooner than weight pruning": per seed, the mean over k > 0 of
+    weight-pruned minus unit-pruned test accuracy, paired t over seeds (:func:`compare`)."""
     crit = {c: _critical_k(g) for c, g in runs.groupby("criterion")}
-    holds = crit.get("unit", np.inf) < crit.get("weight", np.inf) if {"unit", "weight"} <= set(crit) else None
+    holds, test, tested = None, "", ""
+    per_seed = runs[runs["k"] > 0].pivot_table(index="seed", columns="criterion", values="test_acc", aggfunc="mean")
+    if {"unit", "weight"} <= set(per_seed.columns):
+        c = compare(per_seed["weight"], per_seed["unit"], paired=True)
+        holds, test = c["verdict"], "paired t by seed: mean accuracy over k>0, weight - unit"
+        tested = "; " + describe(c, "weight - unit")
     # also: at every k > 0, unit-pruned accuracy <= weight-pruned accuracy (mean over seeds)
     m = runs.groupby(["criterion", "k"])["test_acc"].mean().unstack(0)
     pointwise = bool((m.loc[m.index > 0, "unit"] <= m.loc[m.index > 0, "weight"] + 1e-9).all()) \
         if {"unit", "weight"} <= set(m.columns) else None
     note = (f"k where accuracy first falls >5 points below k=0: weight {crit.get('weight')}, unit {crit.get('unit')}; "
-            f"unit <= weight at every k>0: {pointwise}")
+            f"unit <= weight at every k>0: {pointwise}" + tested)
     out = []
     g = runs[runs["criterion"] == criterion]
     for k, kg in g.groupby("k"):
         for metric in ("test_acc", "test_loss"):
             out.append(rows(spec, f"{criterion} pruning, k={k:g}", metric, kg[metric].tolist(), T002_REPORTED[criterion],
                             criterion=criterion, k=float(k), density=float(kg["density"].mean()),
-                            ordering_holds=holds, note=note))
+                            ordering_holds=holds, test=test, note=note))
     _plot_t002(spec, runs, criterion)
     return pd.DataFrame(out)
 
@@ -81,15 +89,21 @@ def t002_magnitudes(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     two groups completely (KS = 1), unit pruning barely (the two distributions look alike)."""
     h = runs.dropna(subset=["ks_mean"]) if "ks_mean" in runs else runs.iloc[:0]
     ks = h.groupby("criterion")["ks_mean"].mean().to_dict()
-    holds = bool(ks.get("weight", 0) > 0.99 and ks.get("unit", 1) < ks.get("weight", 0)) if ks else None
-    note = f"mean KS distance pruned vs surviving |w|: {', '.join(f'{c} {v:.3f}' for c, v in ks.items())}"
+    holds, test, tested = None, "", ""
+    per_seed = h.pivot_table(index="seed", columns="criterion", values="ks_mean", aggfunc="mean")
+    if {"unit", "weight"} <= set(per_seed.columns):
+        c = compare(per_seed["weight"], per_seed["unit"], paired=True)
+        # complete separation (KS > 0.99 for weight pruning) is part of the claim: a failure reverses it
+        holds = "reversed" if ks["weight"] <= 0.99 else c["verdict"]
+        test, tested = "paired t by seed: KS weight - unit (and mean weight KS > 0.99)", "; " + describe(c, "KS weight - unit")
+    note = f"mean KS distance pruned vs surviving |w|: {', '.join(f'{c} {v:.3f}' for c, v in ks.items())}" + tested
     reported = {"weight": "figure only: the smallest |w| are removed (pruned and surviving separate)",
                 "unit": "figure only: weights removed nearly at random w.r.t. |w| (similar distributions)"}
     out = []
     for c, g in h.groupby("criterion"):
         for metric in ("ks_mean", "mean_abs_pruned", "mean_abs_surviving"):
             out.append(rows(spec, f"{c} pruning, k={g['k'].iloc[0]:g}", metric, g[metric].tolist(), reported.get(c, ""),
-                            criterion=c, k=float(g["k"].iloc[0]), ordering_holds=holds, note=note))
+                            criterion=c, k=float(g["k"].iloc[0]), ordering_holds=holds, test=test, note=note))
     if len(h):
         first = h.sort_values("seed").iloc[0]
         mags = pd.read_csv(Path(first["run_dir"]) / "magnitudes.csv")
@@ -123,16 +137,24 @@ def _plot_magnitudes(spec: dict, mags: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- T002 time
 def t002_time(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T002-time: forward seconds per batch and speedup over dense against k, per criterion and layout.
-    Claim: the sparse forward time falls as k grows (Spearman correlation of k and time < 0, and the
-    time at the largest k is below the time at the smallest)."""
+    Claim: the sparse forward time falls as k grows: the time at the smallest k above the time at the
+    largest, paired t over seeds (:func:`compare`; one seed: "not resolved (n=1)"), and a Spearman
+    correlation of k and mean time < 0 (a positive one reverses the verdict)."""
     out = []
     for (dev, crit, lay), g in runs.groupby(["device", "criterion", "layout"]):
         m = g.groupby("k")["seconds"].mean().sort_index()
         rho = pd.Series(m.index).corr(pd.Series(m.values), method="spearman") if len(m) > 1 else np.nan
-        holds = bool(rho < 0 and m.iloc[-1] < m.iloc[0]) if len(m) > 1 else None
-        note = f"Spearman(k, time) = {rho:.3f}; time at k={m.index[-1]:g}: {m.iloc[-1] * 1e3:.3f} ms, at k={m.index[0]:g}: {m.iloc[0] * 1e3:.3f} ms"
+        holds, tested = None, ""
+        if len(m) > 1:
+            per_seed = g.pivot_table(index="seed", columns="k", values="seconds", aggfunc="mean")
+            c = compare(per_seed[m.index[0]], per_seed[m.index[-1]], paired=True)
+            holds = "reversed" if rho > 0 else c["verdict"]
+            tested = "; " + describe(c, "time at smallest k - at largest k (s)")
+        note = (f"Spearman(k, time) = {rho:.3f}; time at k={m.index[-1]:g}: {m.iloc[-1] * 1e3:.3f} ms, at k={m.index[0]:g}: "
+                f"{m.iloc[0] * 1e3:.3f} ms" + tested)
         for k, kg in g.groupby("k"):
-            extra = dict(device=dev, criterion=crit, layout=lay, k=float(k), ordering_holds=holds, note=note,
+            extra = dict(device=dev, criterion=crit, layout=lay, k=float(k), ordering_holds=holds,
+                         test="paired t by seed: time at smallest k - at largest k; Spearman(k, time) < 0", note=note,
                          threads=kg["threads"].iloc[0] if "threads" in kg else None)
             out.append(rows(spec, f"{dev} {crit} pruning k={k:g} {lay}", "forward_ms", (kg["seconds"] * 1e3).tolist(),
                             "figure only: time falls as k grows (COO, CPU)", **extra))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from sparsebench.tables.figures import pyplot, save_figure
-from sparsebench.tables.schema import rows
+from sparsebench.tables.schema import compare, describe, rows
 
 # --------------------------------------------------------------------------- T004
 def t004_train(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
@@ -53,20 +53,25 @@ def _plot_t004_train(spec: dict, trained: pd.DataFrame) -> None:
 
 def t004_prune(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T004-prune: test accuracy per (dataset, update, units removed). Ordering checked per dataset: the
-    least-squares update keeps at least the accuracy of plain removal on average over the removal
-    curve (area under the curve)."""
+    least-squares update beats plain removal on average over the removal curve (area under the curve):
+    per seed the mean accuracy over the curve, ls vs none, paired t over seeds (:func:`compare`)."""
     out = []
     checks = {}
+    test = "paired t by seed: mean accuracy over the removal curve, ls - none"
     for ds, g in runs.groupby("dataset", sort=False):
         m = g.groupby(["update", "removed"])["test_acc"].mean().unstack(0)
         if {"ls", "none"} <= set(m.columns):
             auc_ls, auc_none = float(m["ls"].mean()), float(m["none"].mean())
-            checks[ds] = (auc_ls >= auc_none, f"mean accuracy over the removal curve: ls {auc_ls:.4f}, none {auc_none:.4f}")
+            per_seed = g.pivot_table(index="seed", columns="update", values="test_acc", aggfunc="mean")
+            c = compare(per_seed["ls"], per_seed["none"], paired=True)
+            checks[ds] = (c["verdict"], f"mean accuracy over the removal curve: ls {auc_ls:.4f}, none {auc_none:.4f}; "
+                                        + describe(c, "ls - none"))
     for (ds, upd, removed), g in runs.groupby(["dataset", "update", "removed"], sort=False):
         hold, note = checks.get(ds, (None, ""))
         out.append(rows(spec, f"{ds}, {upd}, {int(removed)} removed", "test_acc", g["test_acc"].tolist(),
                         "figure only", dataset=ds, update=upd, removed=int(removed),
-                        units_left=int(g["units_left"].iloc[0]), ordering_holds=hold, note=note))
+                        units_left=int(g["units_left"].iloc[0]), ordering_holds=hold, test=test if hold else "",
+                        note=note))
     _plot_t004_prune(spec, runs)
     return pd.DataFrame(out)
 
