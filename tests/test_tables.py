@@ -174,6 +174,10 @@ def test_compare_holds_only_outside_the_noise():
     assert compare([0.99, 0.98], [0.10])["verdict"] == "not resolved (n=1)"
     # identical per-seed differences: no spread, no test
     assert compare([0.5, 0.6], [0.4, 0.5], paired=True)["verdict"] == "not resolved (no spread)"
+    # against a fixed threshold, every seed on one side decides it (e.g. 0 dead units < 10% in all seeds)
+    assert compare([0.0, 0.0, 0.0], 0.1)["verdict"] == "reversed (all seeds equal)"
+    assert compare([0.2, 0.2, 0.2], 0.1)["verdict"] == "holds (all seeds equal)"
+    assert compare([0.1, 0.1], 0.1)["verdict"] == "not resolved (no spread)"
     # the Welch interval matches scipy's t-test (same p-value)
     from scipy import stats
 

@@ -11,8 +11,9 @@ Methods (``method.name``):
   ``<run_dir>/magnitudes.csv`` and their Kolmogorov-Smirnov distance is reported (document 002's
   "Theorem 1": unit pruning removes weights nearly at random with respect to |w|).
 * ``randomized_prune`` (document 000, T000-random-prune): the strategies of :data:`PRUNE_STRATEGIES`
-  (threshold fraction, random, importance-weighted random, fractional random threshold) applied to one
-  chosen layer; each is evaluated on the same trained network.
+  (threshold fraction, random, importance-weighted random, fractional random threshold) applied to
+  chosen layers (``method.layers``) at one or several fractions (``method.fractions``), each removing
+  exactly ``round(fraction * n)`` connections; all are evaluated on the same trained network.
 * ``ls_unit_prune`` (document 004, T004-train/-prune; Castellano, Fanelli & Pelillo 1997): repeatedly
   remove the hidden unit h* of the last hidden layer whose contribution ``b_ih = w_ih * y_h(x)`` to the
   outputs has the smallest norm over outputs i and training samples x, and (``ls`` update of
@@ -37,7 +38,7 @@ from sparsebench.data import DataBundle, Split
 from sparsebench.methods import METHODS
 from sparsebench.methods.base import Method
 from sparsebench.sparsity.masking import Masking, neuron_accounting
-from sparsebench.sparsity.randomized import PRUNE_STRATEGIES
+from sparsebench.sparsity.randomized import PRUNE_STRATEGIES, n_prune
 from sparsebench.sparsity.selection import SCOPES, magnitude_masks
 from sparsebench.sparsity.units import (DEFAULT_KS, LS_UPDATES, UNIT_CRITERIA, check_ks, hidden_outputs,
                                         prunable_layers, zero_dead_unit_biases)
@@ -191,12 +192,21 @@ class UnitPrune(Method):
 # --------------------------------------------------------------------------- randomized pruning (000)
 @dataclass
 class RandomizedPruneConfig(MethodConfig):
-    """``method=randomized_prune``: document 000's pruning strategies on one layer after training."""
+    """``method=randomized_prune``: document 000's pruning strategies on chosen layers after training.
+
+    Every strategy removes exactly ``round(fraction * n)`` connections of the ``n`` weights of the
+    chosen layers (pooled into one vector when a choice matches several layers), so the strategies
+    differ only in *which* connections they remove.
+    """
 
     name: str = "randomized_prune"
-    layer: str = "layers.2.weight"  # fnmatch pattern that must match exactly one prunable layer
-    fraction: float = 0.5  # share of the layer's connections pruned (fractional_threshold: candidates)
-    random_part: float = 0.5  # fractional_threshold: share of the candidates pruned
+    layer: str = "layers.2.weight"  # fnmatch pattern of the pruned layer(s) (used when `layers` is empty)
+    fraction: float = 0.5  # share of the chosen layers' connections pruned (used when `fractions` is empty)
+    # sweep (one trained net serves every point): {choice name: fnmatch pattern}, e.g.
+    # {hidden: layers.0.weight, output: layers.2.weight, both: "layers.*.weight"}; empty = {layer: layer}
+    layers: Dict[str, str] = field(default_factory=dict)
+    fractions: List[float] = field(default_factory=list)  # empty = [fraction]
+    random_part: float = 0.5  # fractional_threshold: share of the smallest-|w| candidates pruned
     temperature: float = 1.0  # importance_random: p(prune) ~ exp(-|w| / (temperature * mean|w|))
     draws: int = 5  # random masks per randomized strategy (mean and std reported)
     strategies: List[str] = field(default_factory=lambda: ["none", "threshold", "random", "importance_random",
@@ -204,6 +214,8 @@ class RandomizedPruneConfig(MethodConfig):
 
     def __post_init__(self):
         check_fraction("method.fraction", self.fraction)
+        for f in self.fractions:
+            check_fraction("method.fractions", f)
         check_fraction("method.random_part", self.random_part, closed_right=True)
         check(self.temperature > 0, "method.temperature", self.temperature, "must be > 0")
         check(self.draws >= 1, "method.draws", self.draws, "must be >= 1")
@@ -213,47 +225,62 @@ class RandomizedPruneConfig(MethodConfig):
 
 @METHODS.register("randomized_prune", schema=RandomizedPruneConfig)
 class RandomizedPrune(Method):
-    """Train densely once, then for every strategy prune ``method.layer`` of a copy and evaluate.
+    """Train densely once, then for every layer choice, fraction and strategy prune a copy and evaluate.
 
-    One row per strategy with mean/std over ``draws`` random masks of ``test_acc``, ``val_acc``,
-    ``test_loss`` and the number of connections pruned.
+    One row per (layer choice, fraction, strategy) with mean/std over ``draws`` random masks of
+    ``test_acc``, ``val_acc``, ``test_loss`` and the number of connections pruned (``pruned``, equal
+    across strategies: ``round(fraction * layer_size)``; ``none`` prunes 0).
 
     Raises:
-        ConfigError: ``method.layer`` matches no or several prunable layers.
+        ConfigError: a layer pattern matches no prunable layer.
     """
 
     def run(self) -> pd.DataFrame:
         ctx, cfg = self.ctx, self.cfg
         model = ctx.new_model()
         masking = ctx.masking(model)
-        layers = masking.matching([cfg.layer])
-        if len(layers) != 1:
-            raise ConfigError(f"method.layer={cfg.layer!r}: matches {layers or 'no layer'} "
-                              f"(prunable: {', '.join(masking.names)})")
-        layer = layers[0]
+        choices = dict(cfg.layers) if cfg.layers else {cfg.layer: cfg.layer}
+        chosen = {}
+        for key, pattern in choices.items():
+            names = masking.matching([pattern])
+            if not names:
+                raise ConfigError(f"method.layer={pattern!r} ({key}): matches no layer "
+                                  f"(prunable: {', '.join(masking.names)})")
+            chosen[key] = names
+        fractions = list(cfg.fractions) or [cfg.fraction]
         trainer = ctx.trainer(model, masking)
         dense = trainer.fit()
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
         gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "randomized_prune"))
         rows = []
-        for name in cfg.strategies:
-            strategy = PRUNE_STRATEGIES.get(name)()
-            draws = cfg.draws if strategy.randomized else 1
-            res = []
-            for _ in range(draws):
-                model.load_state_dict(trained)
-                w = masking.weight(layer)
-                masking.set_mask(layer, strategy.mask(w.detach().cpu(), cfg, gen).to(w.device))
-                ev = trainer.evaluate_splits(("test", "val"))
-                ev["pruned"] = int(w.numel() - masking.mask(layer).count_nonzero())
-                res.append(ev)
-            df = pd.DataFrame(res)
-            vals = {k: float(df[k].mean()) for k in df.columns}
-            vals["test_acc_std"] = float(df["test_acc"].std(ddof=1)) if len(df) > 1 else 0.0
-            rows.append(self.row(strategy=name, layer=layer, fraction=cfg.fraction, draws=draws,
-                                 layer_size=int(w.numel()), dense_test_acc=dense["test_acc"], **vals))
-            ctx.metrics.log(trainer.step, {f"{name}/test_acc": vals["test_acc"]})
-        model.load_state_dict(trained)
+        for key, names in chosen.items():
+            sizes = [masking.weight(n).numel() for n in names]
+            n = sum(sizes)
+            for fraction in fractions:
+                k = n_prune(n, fraction)
+                for sname in cfg.strategies:
+                    strategy = PRUNE_STRATEGIES.get(sname)()
+                    draws = cfg.draws if strategy.randomized else 1
+                    res = []
+                    for _ in range(draws):
+                        model.load_state_dict(trained)
+                        flat = torch.cat([masking.weight(m).detach().reshape(-1).cpu() for m in names])
+                        mask = strategy.mask(flat, cfg, gen, k=0 if sname == "none" else k)
+                        for m, part in zip(names, torch.split(mask, sizes)):
+                            w = masking.weight(m)
+                            masking.set_mask(m, part.view(w.shape).to(w.device))
+                        ev = trainer.evaluate_splits(("test", "val"))
+                        ev["pruned"] = int(sum(masking.weight(m).numel() - int(masking.mask(m).count_nonzero())
+                                               for m in names))
+                        res.append(ev)
+                    df = pd.DataFrame(res)
+                    vals = {c: float(df[c].mean()) for c in df.columns}
+                    vals["test_acc_std"] = float(df["test_acc"].std(ddof=1)) if len(df) > 1 else 0.0
+                    rows.append(self.row(strategy=sname, layer_choice=key, layer=",".join(names),
+                                         fraction=float(fraction), draws=draws, layer_size=int(n),
+                                         dense_test_acc=dense["test_acc"], **vals))
+                    ctx.metrics.log(trainer.step, {f"{key}/{fraction}/{sname}/test_acc": vals["test_acc"]})
+        model.load_state_dict(trained)  # the masks are buffers: this leaves the trained net dense
         return pd.DataFrame(rows)
 
 

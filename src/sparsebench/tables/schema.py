@@ -68,7 +68,9 @@ def compare(a_values: Sequence[float], b_values, paired: bool = False, margin: f
     never holds); ``"not resolved (n=1)"`` (n = the smaller side) when a side has fewer than 2 values.
     Zero spread (every value, or every paired difference, identical: the t statistic is undefined)
     gives a zero-width interval at ``diff`` and ``"not resolved (no spread)"``: quantised metrics (an
-    accuracy on a few hundred images) make such ties common, so they decide nothing.
+    accuracy on a few hundred images) make such ties common, so they decide nothing between two
+    measured sides. Against a fixed threshold (scalar ``b_values``) every seed lying on the same side
+    is the claim's evidence: ``"holds (all seeds equal)"`` / ``"reversed (all seeds equal)"``.
 
     Raises:
         ValueError: ``paired`` with a and b of different lengths (after dropping NaNs pairwise).
@@ -104,8 +106,10 @@ def compare(a_values: Sequence[float], b_values, paired: bool = False, margin: f
         diff, se = float(a.mean() - b.mean()), float(np.sqrt(va + vb))
         dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if va + vb > 0 else 1.0
     if se <= 1e-9 * max(1.0, abs(diff)):  # zero up to rounding
-        return {**out, "diff": diff, "ci_low": diff, "ci_high": diff, "p": float("nan"),
-                "verdict": "not resolved (no spread)"}
+        verdict = "not resolved (no spread)"
+        if scalar and abs(diff + margin) > 1e-12:  # every seed on the same side of a fixed threshold
+            verdict = "holds (all seeds equal)" if diff > -margin else "reversed (all seeds equal)"
+        return {**out, "diff": diff, "ci_low": diff, "ci_high": diff, "p": float("nan"), "verdict": verdict}
     half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
     lo, hi = diff - half, diff + half
     p = float(2 * stats.t.sf(abs((diff + margin) / se), dof))
