@@ -107,6 +107,9 @@ class TrainerConfig:
     data_on_device: bool = True  # keep the tensors of small datasets on the training device
     progress: Optional[bool] = None  # tqdm progress bar; null = on when stderr is a terminal
     sparse_kernels: bool = False  # issue 14: masked nn.Linear -> truly sparse layers (sparsity/sparse_linear.py)
+    # issue 16: at the end of fit, restore the weights (and masks) of the evaluated epoch with the lowest loss on
+    # this split (val | test; null = keep the last epoch), e.g. document 002's best-validation-loss model
+    restore_best: Optional[str] = None
 
     def __post_init__(self):
         check(math.isfinite(self.lr) and self.lr > 0, "trainer.lr", self.lr, "must be > 0")
@@ -129,6 +132,8 @@ class TrainerConfig:
         check(bool(self.compile_backend), "trainer.compile_backend", self.compile_backend, "must not be empty")
         check(bool(DEVICE_PATTERN.match(self.device)), "trainer.device", self.device,
               "unknown (allowed: auto, cpu, cuda, cuda:N)")
+        check(self.restore_best in (None, "val", "test"), "trainer.restore_best", self.restore_best,
+              "unknown (allowed: null, val, test)")
 
 
 @dataclass

@@ -110,6 +110,8 @@ class Trainer:
         self.augment = augment
         self.aug_generator = augment_generator(seed, device) if augment is not None else None
         self.best = {"best_val_acc": float("nan"), "best_epoch": 0, "test_acc_at_best_val": float("nan")}
+        self.best_loss = {"best_loss": float("inf"), "best_loss_epoch": 0}  # trainer.restore_best
+        self._best_state: Optional[dict] = None  # CPU copy of the model at best_loss_epoch (restore_best only)
         self.step = start_step  # > 0 when resuming from a rewind point (LTH with k > 0)
         self.epoch = 0
         self.batch: Optional[tuple] = None  # (x, y) of the current step, for callbacks
@@ -174,7 +176,8 @@ class Trainer:
                 "metrics_rows": len(self.metrics.rows) if self.metrics is not None else 0,
                 "time_in_callbacks": self.time_in_callbacks, "best": dict(self.best),
                 "aug_generator": self.aug_generator.get_state() if self.aug_generator is not None else None,
-                "time_training": self._elapsed(), "epoch_pos": self._epoch_pos}
+                "time_training": self._elapsed(), "epoch_pos": self._epoch_pos,
+                **({"best_loss": dict(self.best_loss), "best_state": self._best_state} if self.cfg.restore_best else {})}
 
     def _elapsed(self) -> float:
         """Training seconds so far: earlier processes' (checkpoint) plus this one's."""
@@ -198,6 +201,9 @@ class Trainer:
             self.aug_generator.set_state(state["aug_generator"].cpu())
         self._time_before = float(state.get("time_training", 0.0))
         self._epoch_pos = state.get("epoch_pos")
+        if self.cfg.restore_best:
+            self.best_loss = dict(state.get("best_loss", self.best_loss))
+            self._best_state = state.get("best_state")
 
     _ckpt_epoch = 0
 
@@ -295,10 +301,14 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.time_training = self._elapsed()
+        if self.cfg.restore_best and self._best_state is not None:  # the best evaluated epoch's weights and masks
+            self.model.load_state_dict(self._best_state)
         final = self.evaluate_splits(("val", "test"))
         final["train_seconds"] = self.time_training
         final["steps"] = self.step
         final.update(self.best)  # best validation epoch beside the final one (NaN / 0 without a val split)
+        if self.cfg.restore_best:  # final metrics above are those of the restored epoch
+            final.update(self.best_loss, restored_epoch=self.best_loss["best_loss_epoch"] if self._best_state else self.epoch)
         return final
 
     def _progress_bar(self):
@@ -393,6 +403,10 @@ class Trainer:
                                                                and not math.isnan(m["val_acc"])):
                     self.best = {"best_val_acc": m["val_acc"], "best_epoch": self.epoch,
                                  "test_acc_at_best_val": m["test_acc"]}
+                sel = m.get(f"{self.cfg.restore_best}_loss", float("nan")) if self.cfg.restore_best else float("nan")
+                if sel < self.best_loss["best_loss"]:  # NaN (empty split) never selects
+                    self.best_loss = {"best_loss": sel, "best_loss_epoch": self.epoch}
+                    self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 self._log(m)
             every = self.cfg.checkpoint_every
             if self.checkpoint and (last or (every and self.epoch % every == 0)):

@@ -43,13 +43,16 @@ def _t002_curve(spec: dict, runs: pd.DataFrame, criterion: str) -> pd.DataFrame:
         if {"unit", "weight"} <= set(m.columns) else None
     note = (f"k where accuracy first falls >5 points below k=0: weight {crit.get('weight')}, unit {crit.get('unit')}; "
             f"unit <= weight at every k>0: {pointwise}" + tested)
+    base = _baseline(runs)
     out = []
     g = runs[runs["criterion"] == criterion]
     for k, kg in g.groupby("k"):
         for metric in ("test_acc", "test_loss"):
-            out.append(rows(spec, f"{criterion} pruning, k={k:g}", metric, kg[metric].tolist(), T002_REPORTED[criterion],
+            # k = 0 is the unpruned net restored at its best epoch: its loss is the document's 0.0682
+            rep = DOC_BEST["val_loss"] if (k == 0 and metric == "test_loss") else T002_REPORTED[criterion]
+            out.append(rows(spec, f"{criterion} pruning, k={k:g}", metric, kg[metric].tolist(), rep,
                             criterion=criterion, k=float(k), density=float(kg["density"].mean()),
-                            ordering_holds=holds, test=test, note=note))
+                            ordering_holds=holds, test=test, note=note, **base))
     _plot_t002(spec, runs, criterion)
     return pd.DataFrame(out)
 
@@ -72,8 +75,55 @@ def _plot_t002(spec: dict, runs: pd.DataFrame, criterion: str) -> None:
     save_figure(fig, spec, dpi=110, bbox_inches="tight")
 
 
+DOC_BEST = {"epoch": 6, "val_loss": 0.0682}  # document 002, "Baseline": best model after epoch 6, val loss 0.0682
+
+
+def _epoch_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per seed and evaluated epoch the dense net's ``test_loss`` / ``test_acc`` from each run's
+    ``metrics.csv`` (the run directory is on the ``hist_k`` rows); columns ``seed, epoch, test_loss, test_acc``.
+    In the T002/weight setting the test split is the document's validation set (the author's code)."""
+    out = []
+    if "run_dir" not in runs:
+        return pd.DataFrame(columns=["seed", "epoch", "test_loss", "test_acc"])
+    for seed, g in runs.dropna(subset=["run_dir"]).groupby("seed"):
+        path = Path(g["run_dir"].iloc[0]) / "metrics.csv"
+        if not path.is_file():
+            continue
+        m = pd.read_csv(path)
+        m = m[m["name"].isin(["test_loss", "test_acc", "train_loss"])].pivot_table(index="step", columns="name",
+                                                                                    values="value", aggfunc="last")
+        m = m.dropna(subset=["train_loss"]).sort_index()  # one row per evaluated epoch (train_loss marks them)
+        for e, (_, r) in enumerate(m.iterrows(), 1):
+            out.append({"seed": int(seed), "epoch": e, "test_loss": float(r["test_loss"]), "test_acc": float(r["test_acc"])})
+    return pd.DataFrame(out, columns=["seed", "epoch", "test_loss", "test_acc"])
+
+
+def _baseline(runs: pd.DataFrame) -> Dict[str, object]:
+    """The dense net before pruning (document 002's "Baseline": best model after epoch 6, validation loss
+    0.0682): per seed the evaluated epoch with the lowest validation loss (here MNIST's test split, the
+    author's validation set) and that loss; the k = 0 rows are that restored epoch's net, so their
+    ``test_loss`` stands beside the document's 0.0682. Returns ``best_epoch`` (mean over seeds) and a
+    ``baseline`` text (per-seed epochs and losses, the 95% one-sample t interval of ours - 0.0682)."""
+    ep = _epoch_curves(runs)
+    if ep.empty:
+        return {"best_epoch": None, "baseline": ""}
+    best = ep.loc[ep.groupby("seed")["test_loss"].idxmin()]
+    n_epochs = int(ep["epoch"].max())
+    per_seed = ", ".join(f"seed {int(r.seed)}: epoch {int(r.epoch)}, loss {r.test_loss:.4f}" for r in best.itertuples())
+    curve = "; ".join(f"epoch {int(e)}: {g['test_loss'].mean():.4f}" for e, g in ep.groupby("epoch"))
+    c = compare(best["test_loss"].tolist(), DOC_BEST["val_loss"])
+    diff = (f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (95% one-sample t interval, n={c['n_a']})"
+            if c["ci_low"] == c["ci_low"] else f"{c['diff']:+.4f} (n={c['n_a']})")
+    text = (f"dense net, lowest validation (= MNIST test) loss of {n_epochs} trained epochs: {per_seed}; best epoch = "
+            f"{DOC_BEST['epoch']} in {int((best['epoch'] == DOC_BEST['epoch']).sum())}/{len(best)} seeds"
+            + (f" ({n_epochs} is the last trained epoch: the loss still fell)" if n_epochs == DOC_BEST["epoch"] else "")
+            + f"; our best loss - the document's {DOC_BEST['val_loss']}: {diff}; mean loss by epoch: {curve}")
+    return {"best_epoch": float(best["epoch"].mean()), "baseline": text}
+
+
 def t002_weight(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """T002-weight: loss/accuracy against k for weight pruning (ordering: unit degrades sooner)."""
+    """T002-weight: loss/accuracy against k for weight pruning (ordering: unit degrades sooner), and the
+    dense baseline's best epoch and validation loss in ``best_epoch`` / ``baseline`` (document: epoch 6, 0.0682)."""
     return _t002_curve(spec, runs, "weight")
 
 
