@@ -14,20 +14,16 @@ Evci et al. 2020, "Rigging the Lottery: Making All Tickets Winners", Appendix H:
 on one zero sample (its module hierarchy gives each ``nn.Linear`` / ``nn.Conv*``'s count), so only
 what that counter counts enters (matrix products and convolutions; bias adds, activations and
 normalisation count zero, as in RigL's tables, which count multiply-adds of the weighted layers).
-The dense counts are computed once per model object and cached.
+The dense counts are taken afresh on every call (milliseconds: 2 ms for fc5, 26 ms for WRN-28x5 on CPU).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparsebench.sparsity.masking import Masking
-
-_DENSE: "weakref.WeakKeyDictionary[nn.Module, Tuple[float, Dict[str, float]]]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
@@ -39,8 +35,6 @@ def dense_flops(masking: Masking, input_shape: Tuple[int, ...]) -> Tuple[float, 
         :class:`FlopCounterMode` (a multiply-add = 2 FLOPs). The model's train/eval mode is restored.
     """
     model = masking.model
-    if model in _DENSE:
-        return _DENSE[model]
     p = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -56,9 +50,7 @@ def dense_flops(masking: Masking, input_shape: Tuple[int, ...]) -> Tuple[float, 
         mod = name[: -len(".weight")] if name.endswith(".weight") else ""
         key = f"{root}.{mod}" if mod else root
         per_layer[name] = float(sum(counts.get(key, {}).values()))
-    out = (float(counter.get_total_flops()), per_layer)
-    _DENSE[model] = out
-    return out
+    return float(counter.get_total_flops()), per_layer
 
 
 def inference_flops_rel(masking: Masking, input_shape: Tuple[int, ...]) -> float:
