@@ -13,7 +13,8 @@ from sparsebench.core.errors import ConfigError
 from sparsebench.graph.affinity import affinity, normalized_affinity
 from sparsebench.graph.estimator import LabelSpreading
 from sparsebench.graph.knn import knn_classify, knn_graph
-from sparsebench.graph.pca import pca, scale_unit, torch_threads
+from sparsebench.core.threads import torch_threads
+from sparsebench.graph.pca import pca, scale_unit
 from sparsebench.graph.spreading import label_spreading, mask_labels, seed_matrix
 
 

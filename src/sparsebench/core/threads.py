@@ -1,27 +1,30 @@
-"""Torch intra-op thread count set for a block of code and restored afterwards."""
+"""Thread counts (torch, faiss, numba) set for a block of code and restored afterwards."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 
 @contextmanager
-def torch_threads(n: Optional[int]) -> Iterator[int]:
-    """Run the block with ``torch.set_num_threads(n)``; the previous count is restored on exit.
-
-    Args:
-        n: thread count (>= 1); ``None`` or 0 leaves the current count unchanged.
+def scoped_threads(n: Optional[int], get: Callable[[], int], set_: Callable[[int], None]) -> Iterator[int]:
+    """Run the block with ``set_(n)`` in effect and restore the previous ``get()`` value on exit (also
+    when the block raises). ``n = None`` or ``0`` leaves the setting alone.
 
     Yields:
         the thread count in effect inside the block.
     """
-    old = torch.get_num_threads()
+    old = get()
     if n:
-        torch.set_num_threads(int(n))
+        set_(int(n))
     try:
-        yield torch.get_num_threads()
+        yield get()
     finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
+        if get() != old:
+            set_(old)
+
+
+def torch_threads(n: Optional[int]) -> "contextmanager[int]":
+    """:func:`scoped_threads` for torch's intra-op thread count (``torch.set_num_threads``)."""
+    return scoped_threads(n, torch.get_num_threads, torch.set_num_threads)

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager, nullcontext
-from typing import ClassVar, Iterator, List, Optional, Tuple
+from contextlib import nullcontext
+from typing import ClassVar, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from sparsebench.core.registry import Registry
+from sparsebench.core.threads import scoped_threads
 
 GRAPH_BACKENDS: Registry = Registry("method.backend")
 
@@ -187,19 +188,10 @@ class BruteBackend(NeighborBackend):
 
 # --------------------------------------------------------------------------- faiss
 class _FaissBackend(NeighborBackend):
-    @contextmanager
-    def threads(self) -> Iterator[None]:
+    def threads(self):
         import faiss
 
-        if not self.num_threads:
-            yield
-            return
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(int(self.num_threads))
-        try:
-            yield
-        finally:
-            faiss.omp_set_num_threads(before)
+        return scoped_threads(self.num_threads, faiss.omp_get_max_threads, faiss.omp_set_num_threads)
 
     def _make_index(self, faiss, d: int, n: int):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -307,19 +299,13 @@ class NNDescentBackend(NeighborBackend):
 
     name, exact, jit = "pynndescent", False, True
 
-    @contextmanager
-    def threads(self) -> Iterator[None]:
+    def threads(self):
         if not self.num_threads:
-            yield
-            return
+            return nullcontext()
         import numba
 
-        before = numba.get_num_threads()
-        numba.set_num_threads(min(int(self.num_threads), numba.config.NUMBA_NUM_THREADS))
-        try:
-            yield
-        finally:
-            numba.set_num_threads(before)
+        n = min(int(self.num_threads), numba.config.NUMBA_NUM_THREADS)
+        return scoped_threads(n, numba.get_num_threads, numba.set_num_threads)
 
     def _index(self, data, n_neighbors):
         pynndescent = import_pynndescent()

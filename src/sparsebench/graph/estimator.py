@@ -35,7 +35,8 @@ from sparsebench.core.progress import Progress
 from sparsebench.graph.affinity import EDGE_WEIGHTS, affinity, normalized_affinity
 from sparsebench.graph.backends import GRAPH_BACKENDS, warmup
 from sparsebench.graph.knn import check_k, knn_graph, knn_search
-from sparsebench.graph.pca import PCA_SOLVERS, pca_fit, torch_threads
+from sparsebench.core.threads import torch_threads
+from sparsebench.graph.pca import PCA_SOLVERS, pca_fit
 from sparsebench.graph.spreading import PROPAGATORS, label_spreading, seed_matrix
 
 UNLABELED = -1  # scikit-learn's marker of a hidden label

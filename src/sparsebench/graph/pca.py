@@ -3,19 +3,19 @@
 Document 000 scales the pixels to [0, 1] (:func:`scale_unit`, one global min and max) and projects
 them onto the top principal components (:func:`pca`). PCA solvers are strategies in
 :data:`PCA_SOLVERS` (``method.pca_solver``): each maps float32 ``x`` ``(n, d)`` to the principal axes
-``(d, c)``; the scores are ``(x - mean) @ axes``. :func:`torch_threads` sets torch's thread count for
-a block and restores it afterwards.
+``(d, c)``; the scores are ``(x - mean) @ axes``. :func:`single_thread` runs a block on one torch thread
+(:func:`sparsebench.core.threads.torch_threads`, restored afterwards).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
+from sparsebench.core.threads import torch_threads
 
 PCA_SOLVERS: Registry = Registry("method.pca_solver")
 
@@ -28,21 +28,6 @@ def scale_unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     lo, hi = float(x.min()), float(x.max())
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-
-
-@contextmanager
-def torch_threads(n: Optional[int]) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads inside the block and restore the previous count on exit
-    (also when the block raises). ``n = None`` or ``0`` leaves the setting alone."""
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def single_thread():
