@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from sparsebench.config import DatasetConfig, MethodConfig, check as _check
+from sparsebench.config import DatasetConfig, MethodConfig, check
 from sparsebench.core.errors import ConfigError
 from sparsebench.data import load_dataset
 from sparsebench.graph.backends import backend_names
@@ -70,17 +70,17 @@ class LPAConfig(MethodConfig):
 
     def __post_init__(self):
         self.estimator().check_params({p: f"method.{CONFIG_KEYS.get(p, p)}" for p in LabelSpreading._get_param_names()})
-        _check(0.0 < self.mask_fraction < 1.0, "method.mask_fraction", self.mask_fraction,
+        check(0.0 < self.mask_fraction < 1.0, "method.mask_fraction", self.mask_fraction,
                "the masked fraction must be in (0, 1)")
-        _check(self.splits in ("all", "train"), "method.splits", self.splits, "unknown (allowed: all, train)")
-        _check(self.n_samples is None or self.n_samples >= 2, "method.n_samples", self.n_samples, "must be >= 2 or null")
-        _check(self.block_size is None or self.block_size >= 1, "method.block_size", self.block_size, "must be >= 1 or null")
+        check(self.splits in ("all", "train"), "method.splits", self.splits, "unknown (allowed: all, train)")
+        check(self.n_samples is None or self.n_samples >= 2, "method.n_samples", self.n_samples, "must be >= 2 or null")
+        check(self.block_size is None or self.block_size >= 1, "method.block_size", self.block_size, "must be >= 1 or null")
         exact, approx = backend_names(exact=True), backend_names(exact=False)
         if self.name == "knn_lpa":
-            _check(self.backend in exact, "method.backend", self.backend,
+            check(self.backend in exact, "method.backend", self.backend,
                    f"knn_lpa needs an exact backend ({', '.join(exact)}); use method=kann_lpa for {', '.join(approx)}")
         elif self.name == "kann_lpa":
-            _check(self.backend in approx, "method.backend", self.backend,
+            check(self.backend in approx, "method.backend", self.backend,
                    f"kann_lpa needs an approximate backend ({', '.join(approx)}); use method=knn_lpa for "
                    f"{', '.join(exact)}")
 
@@ -127,9 +127,9 @@ class KannLPAConfig(LPAConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.recall_sample >= 0, "method.recall_sample", self.recall_sample, "must be >= 0")
+        check(self.recall_sample >= 0, "method.recall_sample", self.recall_sample, "must be >= 0")
         for key in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
-            _check(getattr(self, key) >= 1, f"method.{key}", getattr(self, key), "must be >= 1")
+            check(getattr(self, key) >= 1, f"method.{key}", getattr(self, key), "must be >= 1")
 
     def backend_params(self) -> dict:
         return {**super().backend_params(), "n_trees": self.n_trees, "n_iters": self.n_iters,
