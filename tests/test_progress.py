@@ -75,7 +75,7 @@ def _fake_table(monkeypatch, n_cells, on_cell=lambda n: None):
 
     cells = [SimpleNamespace(index=i, label=f"c{i}") for i in range(n_cells)]
     monkeypatch.setattr(runner, "mode_cells", lambda spec, mode: cells)
-    monkeypatch.setattr(runner, "cell_seeds", lambda spec, c, mode: [0])
+    monkeypatch.setattr(runner, "cell_seeds", lambda spec, c, mode, requested=None: [0])
     monkeypatch.setattr(runner, "cell_overrides", lambda spec, c, mode, seed: [f"cell={c.index}"])
     calls = []
 

@@ -59,14 +59,28 @@ def test_quick_preset_wins_over_a_row_delta():
 
     spec = load_spec("T003-imp")
     cells = mode_cells(spec, "quick")
-    assert [c.label for c in cells] == ["frankle 20%/10% per round", "algorithm-1 p^(1/n), n=10"]
-    cfg = compose(cell_overrides(spec, cells[0], "quick", 0))
-    assert (cfg.method.rounds, cfg.trainer.iterations, cfg.model.name) == (2, 30, "lenet300_100")
+    assert [c.label for c in cells] == ["frankle 20%/10% per round", "algorithm-1 p^(1/n), n=10",
+                                        "frankle 20%/10% per round, 50k iterations"]
+    for cell in cells:
+        cfg = compose(cell_overrides(spec, cell, "quick", 0))
+        assert (cfg.method.rounds, cfg.trainer.iterations, cfg.model.name) == (2, 30, "lenet300_100")
     cfg = compose(cell_overrides(spec, cells[0], "setting", 0))
-    assert (cfg.method.rounds, cfg.trainer.iterations) == (18, 1500)
+    assert (cfg.method.rounds, cfg.trainer.iterations, cfg.trainer.early_stop_every_steps) == (18, 10000, 100)
+    assert compose(cell_overrides(spec, cells[2], "setting", 0)).trainer.iterations == 50000
     full = mode_cells(spec, "full")
     assert [c.label for c in full] == ["frankle 20%/10% per round"]
     assert compose(cell_overrides(spec, full[0], "full", 0)).trainer.iterations == 50000
+
+
+def test_row_seeds_restrict_the_spec_seeds():
+    """A row's own ``seeds`` (T003-imp's 50k-iteration row runs one seed) replace the spec's; --seeds is
+    intersected with them; quick mode ignores them."""
+    spec = _spec(seeds=[0, 1, 2], rows=[{"label": "a", "overrides": []}, {"label": "b", "overrides": [], "seeds": [0]}])
+    validate_spec(spec)
+    a, b = expand(spec)
+    assert cell_seeds(spec, a, "setting") == [0, 1, 2] and cell_seeds(spec, b, "setting") == [0]
+    assert cell_seeds(spec, a, "setting", [1, 2]) == [1, 2] and cell_seeds(spec, b, "setting", [1, 2]) == []
+    assert cell_seeds(spec, b, "quick") == [0, 1, 2]
 
 
 def test_sweep_expands_to_labelled_cells_with_reported_values():

@@ -110,6 +110,9 @@ class TrainerConfig:
     # issue 16: at the end of fit, restore the weights (and masks) of the evaluated epoch with the lowest loss on
     # this split (val | test; null = keep the last epoch), e.g. document 002's best-validation-loss model
     restore_best: Optional[str] = None
+    # issue 16: Frankle & Carbin's early-stopping iteration: every N steps evaluate val (and test); the step of the
+    # lowest validation loss and the test accuracy there join the final metrics (null = off)
+    early_stop_every_steps: Optional[int] = None
 
     def __post_init__(self):
         check(math.isfinite(self.lr) and self.lr > 0, "trainer.lr", self.lr, "must be > 0")
@@ -132,6 +135,8 @@ class TrainerConfig:
         check(bool(self.compile_backend), "trainer.compile_backend", self.compile_backend, "must not be empty")
         check(bool(DEVICE_PATTERN.match(self.device)), "trainer.device", self.device,
               "unknown (allowed: auto, cpu, cuda, cuda:N)")
+        check(self.early_stop_every_steps is None or self.early_stop_every_steps >= 1, "trainer.early_stop_every_steps",
+              self.early_stop_every_steps, "must be >= 1 or null (off)")
         check(self.restore_best in (None, "val", "test"), "trainer.restore_best", self.restore_best,
               "unknown (allowed: null, val, test)")
 

@@ -41,7 +41,7 @@ def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seed
     from sparsebench.training.runtime import Preempted, stop_requested, stop_signals
 
     cells = mode_cells(spec, mode)
-    jobs = [(c, s) for c in cells for s in (seeds if seeds is not None else cell_seeds(spec, c, mode))]
+    jobs = [(c, s) for c in cells for s in cell_seeds(spec, c, mode, seeds)]
     frames, failed = [], []
     progress = Progress(len(jobs), spec["id"], progress_setting(extra), unit="cell", say=say)
     try:

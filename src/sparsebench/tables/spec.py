@@ -44,7 +44,7 @@ EXPERIMENTS = ROOT / "experiments"
 QUICK_PREFIX = "QUICK SMOKE TEST"  # starts spec["scale"] when make_table runs a quick smoke test
 MODES = ("setting", "quick", "full")
 REQUIRED = ("id", "builder", "dataset_used", "scale")
-ROW_KEYS = {"label", "overrides", "sweep", "reported", "full", "quick_seeds"}  # others go to the builder
+ROW_KEYS = {"label", "overrides", "sweep", "reported", "full", "quick_seeds", "seeds"}  # others go to the builder
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
 
@@ -267,13 +267,18 @@ def cell_overrides(spec: dict, cell: Cell, mode: str, seed: int) -> List[str]:
     return ov
 
 
-def cell_seeds(spec: dict, cell: Cell, mode: str) -> List[int]:
-    """Seeds of a cell: in quick mode the row's or the spec's ``quick_seeds`` when given, else ``seeds``."""
+def cell_seeds(spec: dict, cell: Cell, mode: str, requested: Optional[List[int]] = None) -> List[int]:
+    """Seeds of a cell: in quick mode the row's or the spec's ``quick_seeds`` when given; else the row's
+    ``seeds`` when given (e.g. one seed for a much longer run), else the spec's ``seeds``. ``requested``
+    (``make_table.py --seeds``) replaces the spec's seeds and is intersected with a row's own ``seeds``."""
     if mode == "quick":
         qs = cell.quick_seeds if cell.quick_seeds is not None else spec.get("quick_seeds")
         if qs is not None:
-            return list(qs)
-    return list(spec.get("seeds", [0]))
+            return list(requested if requested is not None else qs)
+    own = cell.row.get("seeds") if mode != "quick" else None
+    if requested is not None:
+        return [s for s in requested if own is None or s in own]
+    return list(own if own is not None else spec.get("seeds", [0]))
 
 
 def is_quick(spec: dict) -> bool:

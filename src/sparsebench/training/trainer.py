@@ -112,6 +112,8 @@ class Trainer:
         self.best = {"best_val_acc": float("nan"), "best_epoch": 0, "test_acc_at_best_val": float("nan")}
         self.best_loss = {"best_loss": float("inf"), "best_loss_epoch": 0}  # trainer.restore_best
         self._best_state: Optional[dict] = None  # CPU copy of the model at best_loss_epoch (restore_best only)
+        self.early_stop = {"early_stop_step": 0, "early_stop_val_loss": float("inf"), "early_stop_val_acc": float("nan"),
+                           "early_stop_test_acc": float("nan")}  # trainer.early_stop_every_steps
         self.step = start_step  # > 0 when resuming from a rewind point (LTH with k > 0)
         self.epoch = 0
         self.batch: Optional[tuple] = None  # (x, y) of the current step, for callbacks
@@ -176,7 +178,7 @@ class Trainer:
                 "metrics_rows": len(self.metrics.rows) if self.metrics is not None else 0,
                 "time_in_callbacks": self.time_in_callbacks, "best": dict(self.best),
                 "aug_generator": self.aug_generator.get_state() if self.aug_generator is not None else None,
-                "time_training": self._elapsed(), "epoch_pos": self._epoch_pos,
+                "time_training": self._elapsed(), "epoch_pos": self._epoch_pos, "early_stop": dict(self.early_stop),
                 **({"best_loss": dict(self.best_loss), "best_state": self._best_state} if self.cfg.restore_best else {})}
 
     def _elapsed(self) -> float:
@@ -201,6 +203,7 @@ class Trainer:
             self.aug_generator.set_state(state["aug_generator"].cpu())
         self._time_before = float(state.get("time_training", 0.0))
         self._epoch_pos = state.get("epoch_pos")
+        self.early_stop = dict(state.get("early_stop", self.early_stop))
         if self.cfg.restore_best:
             self.best_loss = dict(state.get("best_loss", self.best_loss))
             self._best_state = state.get("best_state")
@@ -307,6 +310,8 @@ class Trainer:
         final["train_seconds"] = self.time_training
         final["steps"] = self.step
         final.update(self.best)  # best validation epoch beside the final one (NaN / 0 without a val split)
+        if self.cfg.early_stop_every_steps:
+            final.update(self.early_stop)
         if self.cfg.restore_best:  # final metrics above are those of the restored epoch
             final.update(self.best_loss, restored_epoch=self.best_loss["best_loss_epoch"] if self._best_state else self.epoch)
         return final
@@ -331,6 +336,15 @@ class Trainer:
             if total and not active:
                 print(f"warning: layer {name} has no active weight (density 0 of {total}): the network is "
                       f"disconnected there and its outputs do not depend on the input", file=sys.stderr, flush=True)
+
+    def _track_early_stop(self) -> None:
+        """Evaluate val and test now; keep the step with the lowest validation loss (Frankle & Carbin 2019,
+        Section 2: the early-stopping iteration is that of minimum validation loss, evaluated every 100
+        iterations; its test accuracy is the one they report). Ties keep the earlier step; NaN never wins."""
+        m = self.evaluate_splits(("val", "test"))
+        if m["val_loss"] < self.early_stop["early_stop_val_loss"]:
+            self.early_stop = {"early_stop_step": self.step, "early_stop_val_loss": m["val_loss"],
+                               "early_stop_val_acc": m["val_acc"], "early_stop_test_acc": m["test_acc"]}
 
     def _step_boundary(self, gen_state, i: int, running: torch.Tensor, steps: int) -> None:
         """After a step: checkpoint mid-epoch every ``checkpoint_every_steps`` steps or on a stop signal
@@ -382,6 +396,8 @@ class Trainer:
                 steps += 1
                 if bar is not None:
                     bar.update(1)
+                if self.cfg.early_stop_every_steps and self.step % self.cfg.early_stop_every_steps == 0:
+                    self._track_early_stop()
                 self._step_boundary(gen_state, i + bs, running, steps)
             self.epoch += 1
             if self.cfg.nan_check:
