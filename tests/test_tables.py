@@ -219,3 +219,28 @@ def test_compare_paired_margin_threshold_and_combine():
     assert combine(["holds", "holds"]) == "holds"
     assert combine(["holds", "reversed", "not resolved"]) == "reversed"
     assert combine(["holds", "not resolved (n=1)"]) == "not resolved (n=1)"
+
+
+def test_orderings_table_decides_each_claim_from_paired_seeds():
+    """T001-orderings-*: a > b by a clear margin holds, a reversed gap is reversed, equal within the margin
+    is equivalent, and a missing label is an error naming it."""
+    from types import SimpleNamespace
+
+    from sparsebench.tables.builders.t001 import orderings_table
+
+    cells = [SimpleNamespace(index=i, label=lab, reported={}) for i, lab in enumerate(["hi", "lo", "lo2"])]
+    acc = {"hi": [0.90, 0.91, 0.92], "lo": [0.80, 0.82, 0.81], "lo2": [0.801, 0.819, 0.812]}
+    runs = pd.DataFrame([{"cell": i, "seed": s, "test_acc": acc[c.label][s], "train_seconds": 1.0 + s}
+                         for i, c in enumerate(cells) for s in range(3)])
+    spec = {"id": "T-ord", "dataset_used": "toy", "scale": "tiny", "cells": cells, "orderings": [
+        {"claim": "hi > lo", "a": "hi", "b": "lo"}, {"claim": "lo > hi", "a": "lo", "b": "hi"},
+        {"claim": "lo ~ lo2", "a": "lo", "b": "lo2", "kind": "equivalent", "margin": 1.0},
+        {"claim": "hi ~ lo", "a": "hi", "b": "lo", "kind": "equivalent", "margin": 1.0}]}
+    df = orderings_table(spec, runs).set_index("setting")
+    assert df.loc["hi > lo", "ordering_holds"] == "holds"
+    assert df.loc["hi > lo", "measured"] == pytest.approx(10.0)  # points
+    assert df.loc["lo > hi", "ordering_holds"] == "reversed"
+    assert df.loc["lo ~ lo2", "ordering_holds"] == "holds"
+    assert df.loc["hi ~ lo", "ordering_holds"] == "reversed"
+    with pytest.raises(ValueError, match="nope"):
+        orderings_table({**spec, "orderings": [{"claim": "x", "a": "nope", "b": "hi"}]}, runs)

@@ -273,3 +273,57 @@ def _plot(S, per_row, merged, glob, recall, names, k_sims, spec: dict, used: str
     b.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, spec, dpi=120)
+
+
+# --------------------------------------------------------------------------- orderings (issue 16 stand-ins)
+def _ordering(kind: str, a: pd.Series, b: pd.Series, margin: float) -> dict:
+    """``compare`` of paired per-seed values: ``greater`` tests a > b; ``equivalent`` tests |a - b| < margin by
+    two one-sided intervals (holds when both hold, reversed when either is reversed)."""
+    j = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
+    if kind == "equivalent":
+        up, down = compare(j["a"], j["b"], paired=True, margin=margin), compare(j["b"], j["a"], paired=True, margin=margin)
+        verdict = combine([up["verdict"], down["verdict"]])
+        return {**up, "verdict": verdict, "test": f"paired t, two one-sided 95% intervals, margin {margin:g}",
+                "diffs": (j["a"] - j["b"]).tolist()}
+    if kind != "greater":
+        raise ValueError(f"ordering kind '{kind}' unknown (allowed: greater, equivalent)")
+    c = compare(j["a"], j["b"], paired=True, margin=margin)
+    return {**c, "test": "paired t by seed, 95% interval of a - b", "diffs": (j["a"] - j["b"]).tolist()}
+
+
+def orderings_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """Thesis 001's orderings tested on a stand-in (issue 16): one ``acc`` row per cell (%, the spec's
+    ``measure``: ``test_acc`` by default, ``val_acc`` for the WRN stand-in, as the thesis reports
+    validation accuracy) with the thesis' value beside it, one ``train_seconds`` row per cell, and one row
+    per entry of the spec's ``orderings`` (``claim``, cell labels ``a`` and ``b``, ``kind``: ``greater``
+    (a > b) or ``equivalent`` (|a - b| < ``margin`` points), ``metric``: ``acc`` or ``train_seconds``,
+    ``reported``: the thesis' numbers) with the paired difference over seeds, its test and the verdict
+    (:func:`compare`; "not resolved" when the interval straddles the claim)."""
+    measure = spec.get("measure", "test_acc")
+    empty = pd.DataFrame(columns=["cell", "seed", measure, "train_seconds"])
+    runs = runs if not runs.empty else empty
+    series: Dict[tuple, pd.Series] = {}
+    out = []
+    for c in spec["cells"]:
+        g = runs[runs["cell"] == c.index]
+        acc = pd.Series([100 * v for v in g[measure]], index=list(g["seed"]), dtype=float)
+        secs = pd.Series(list(g["train_seconds"]), index=list(g["seed"]), dtype=float)
+        series[(c.label, "acc")], series[(c.label, "train_seconds")] = acc, secs
+        extra = {"cell_label": c.label, "measure": measure, "time_per_epoch_s": _mean(g, "time_per_epoch"),
+                 "update_share": _mean(g, "update_share") if "update_share" in g else 0.0, **_flops(g),
+                 "note": "" if len(g) else "missing run"}
+        out.append(rows(spec, c.label, "acc", acc.tolist(), c.reported.get("acc", ""), **extra))
+        out.append(rows(spec, c.label, "train_seconds", secs.tolist(), "", **extra))
+    labels = {c.label for c in spec["cells"]}
+    for o in spec.get("orderings", []):
+        metric, kind = o.get("metric", "acc"), o.get("kind", "greater")
+        missing = [x for x in (o["a"], o["b"]) if x not in labels]
+        if missing:
+            raise ValueError(f"table {spec['id']}, ordering '{o['claim']}': {missing} are not cell labels")
+        a, b = series[(o["a"], metric)], series[(o["b"], metric)]
+        c = _ordering(kind, a, b, float(o.get("margin", 0.0)))
+        unit = "points" if metric == "acc" else "s"
+        note = (f"{o['a']} {a.mean():.2f} vs {o['b']} {b.mean():.2f} ({unit}); " + describe(c, "a - b"))
+        out.append(rows(spec, o["claim"], f"{metric}_diff", c["diffs"], o.get("reported", ""), cell_label="",
+                        measure=measure, ordering_holds=c["verdict"], test=c["test"], note=note))
+    return pd.DataFrame(out)

@@ -26,6 +26,21 @@ def _density_ticks(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _iterations(rg: pd.DataFrame) -> object:
+    """Training iterations per round of these runs: the trainer's final step (rounds rewind to step 0)."""
+    return int(rg["steps"].max()) if "steps" in rg and rg["steps"].notna().any() else ""
+
+
+def _early_stop(rg: pd.DataFrame) -> dict:
+    """Mean (std over seeds) of Frankle & Carbin's early-stopping iteration (minimum validation loss) and the
+    test accuracy there, when the runs tracked it (``trainer.early_stop_every_steps``); else {}."""
+    if "early_stop_step" not in rg or not rg["early_stop_step"].notna().any():
+        return {}
+    it, acc = rg["early_stop_step"].astype(float), rg["early_stop_test_acc"].astype(float)
+    return {"early_stop_iteration": float(it.mean()), "early_stop_iteration_std": float(it.std(ddof=1)) if len(it) > 1 else 0.0,
+            "early_stop_test_acc": float(acc.mean()), "early_stop_test_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+
+
 def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T003-imp: one row per (schedule, round): test accuracy at that density; the schedule is the
     cell's label. The claim is checked at the round closest to 1.7% density: the ticket "matches" the
@@ -40,7 +55,9 @@ def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
         for rnd, rg in by_round:
             density = float(rg["density"].mean())
             reported = "dense reference" if rnd == 0 else ""
-            extra = {"schedule": schedule, "round": int(rnd), "density": density}
+            extra = {"schedule": schedule, "round": int(rnd), "density": density,
+                     "iterations_per_round": _iterations(rg),
+                     **_early_stop(rg)}
             if rnd == closest and rnd != 0 and abs(density - 0.017) < 0.01:
                 acc = float(rg["test_acc"].mean())
                 reported = "matches dense at about 1.7% of the weights"
@@ -48,6 +65,11 @@ def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
                                                       suffixes=("", "_dense"))
                 c = compare(pair["test_acc"], pair["test_acc_dense"], paired=True, margin=0.01)
                 extra.update(claim_holds=c["verdict"], test=f"{c['test']} (ticket - dense > -0.01)")
+                if "early_stop_test_acc" in g:  # Frankle & Carbin compare at the early-stopping iteration
+                    es = rg[["seed", "early_stop_test_acc"]].merge(
+                        g[g["round"] == 0][["seed", "early_stop_test_acc"]], on="seed", suffixes=("", "_dense"))
+                    ce = compare(es["early_stop_test_acc"], es["early_stop_test_acc_dense"], paired=True, margin=0.01)
+                    extra.update(claim_holds_at_early_stop=ce["verdict"])
                 extra["note"] = (f"dense {dense_acc:.4f} vs ticket {acc:.4f} at density {density:.4f}; "
                                  + describe(c, "ticket - dense"))
             out.append(rows(spec, f"{schedule}, round {int(rnd)}, density {density:.4f}", "test_acc",
