@@ -10,7 +10,8 @@ from sparsebench.config import TrainerConfig
 from sparsebench.core.errors import ConfigError
 from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.grow import LayerUpdate, SimilarityGrow
-from sparsebench.dst.search import BruteForceSearch, FaissSearch
+from sparsebench.dst.search import (BruteForceSearch, FaissIndexSearch, FaissSearch, _merge_topn,
+                                    _per_query_candidates, per_query_topn)
 from sparsebench.dst.selection import topk_indices
 from sparsebench.dst.similarity import AbsInnerProduct, L2Similarity, LSHSimilarity
 from sparsebench.dst.updater import DSTUpdater
@@ -199,3 +200,123 @@ def test_fig31_builder_recall_and_quick_figure_stays_out_of_results(tmp_path):
     path = figure_path(spec)
     assert path.parent != RESULTS and path.is_file()
     after = (RESULTS / "T001-fig3.1.png").stat().st_mtime_ns if (RESULTS / "T001-fig3.1.png").exists() else None
+
+
+
+# ---------------------------------------------------------------- issue 15: faiss' flat search as one matrix product
+def _mask(numel, active, seed):
+    mask = torch.zeros(numel)
+    mask[torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:active]] = 1
+    return mask
+
+
+@pytest.mark.parametrize("metric", [AbsInnerProduct(), L2Similarity()], ids=["abs_ip", "l2"])
+@pytest.mark.parametrize("k_similar", [0.05, 0.15, 0.5, 1.0])
+def test_flat_faiss_search_returns_the_faiss_index_set(metric, k_similar):
+    # search=faiss answers IndexFlatIP/IndexFlatL2's batched queries by a GEMM and a per-query selection:
+    # the same set as the faiss library's index (search=faiss_index), on random layers of several shapes
+    for seed, (R, n_out, n_in, n) in enumerate([(32, 20, 30, 50), (64, 100, 300, 300), (16, 300, 784, 2000)]):
+        G, U = _fixed_vectors(seed=seed, R=R, n_out=n_out, n_in=n_in)
+        mask = _mask(n_out * n_in, n_out * n_in // 5, seed)
+        new = FaissSearch(metric, k_similar=k_similar)
+        assert metric.flat_index and not new.rerank
+        got = new.find("l", G, U, mask, n)
+        want = FaissIndexSearch(metric, k_similar=k_similar).find("l", G, U, mask, n)
+        assert got.numel() == want.numel() and got.unique().numel() == got.numel()
+        assert set(got.tolist()) == set(want.tolist()), (seed, R, n_out, n_in)
+        assert torch.all(mask[got] == 0)
+
+
+def test_flat_faiss_search_caps_each_query_like_the_index():
+    # Figure 3.1's case: one input vector is the most similar to every gradient vector, so its query's
+    # k-result cap binds (the preselection holds more than k pairs of that query): still faiss' set,
+    # which misses global top-n pairs; and a layer with all-zero input vectors (zero scores preselected:
+    # the full per-query lists are used)
+    metric = AbsInnerProduct()
+    G, U = _fixed_vectors(seed=3, R=16, n_out=20, n_in=30)
+    U[:, 0] = 10 * G.sum(1)
+    U[:, 1] = -10 * G.sum(1)  # the -q side of the cap
+    mask = torch.zeros(600)
+    for k_similar in (0.1, 0.3):
+        got = FaissSearch(metric, k_similar=k_similar).find("l", G, U, mask, 30)
+        want = FaissIndexSearch(metric, k_similar=k_similar).find("l", G, U, mask, 30)
+        assert set(got.tolist()) == set(want.tolist())
+        exact = set(BruteForceSearch(metric).find("l", G, U, mask, 30).tolist())
+        assert len(exact & set(got.tolist())) < 30
+    G, U = _fixed_vectors(seed=4, R=16, n_out=20, n_in=30)
+    U[:, 5:] = 0  # 25 of 30 queries score 0 against every indexed vector
+    got = FaissSearch(metric, k_similar=0.2).find("l", G, U, mask, 40)  # 5 queries x (4 + 4) results > 40
+    want = FaissIndexSearch(metric, k_similar=0.2).find("l", G, U, mask, 40)
+    S = (G.t() @ U).abs().reshape(-1)
+    assert got.numel() == want.numel() == 40
+    assert torch.equal(torch.sort(S[got]).values, torch.sort(S[want]).values)  # the zero-score ties may differ
+
+
+def test_per_query_topn_preselection_equals_the_full_lists():
+    # the CPU preselection path (thresholds carried between calls while the scale shifts) against merging
+    # every query's full top-k lists, for both sign sets and n from a few to more than the lists hold
+    gen = torch.Generator().manual_seed(7)
+    hint = {}
+    for step, (scale, n) in enumerate([(1.0, 500), (1.0, 500), (10.0, 500), (0.01, 2000), (1.0, 20), (1.0, 9000)]):
+        S = torch.randn(200, 300, generator=gen) * scale
+        S[:, :3] *= 20  # a few dominant queries: the per-query cap binds
+        mask = _mask(S.numel(), S.numel() // 5, step)
+        for signs in ((1, -1), (1,)):
+            k = 12
+            flat, sim = _per_query_candidates(S, signs, k)
+            want = _merge_topn(flat.numpy(), sim.numpy(), mask, n)
+            got = per_query_topn(S, signs, k, mask, n, hint=hint if signs == (1, -1) else None)
+            assert set(got.tolist()) == set(want.tolist()), (step, signs, n)
+    assert "r" in hint and "t" in hint
+
+
+def test_faiss_grow_trains_like_the_faiss_index_at_dt1():
+    # the same masks after 8 updates at dT=1 whether faiss_grow's search is the GEMM path or faiss' index
+    masks = {}
+    for search in ("faiss", "faiss_index"):
+        model, masking, counts = sparse_mlp()
+        upd = DSTUpdater(masking, make_grow("similarity", metric="abs_ip", search=search, k_similar=0.15),
+                         d0=0.05, schedule="constant", delta_t=1, t_end=1.0)
+        cfg = TrainerConfig(lr=0.05, batch_size=64, iterations=8, device="cpu")
+        Trainer(cfg, model, digits_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd]).fit()
+        assert upd.updates == 8 and upd.random_fill == 0
+        masks[search] = {n: masking.mask(n).clone() for n in masking.names}
+        assert masking.counts() == {n: (counts[n], w.numel()) for n, w, _ in masking.items()}
+    for name in masks["faiss"]:
+        assert torch.equal(masks["faiss"][name], masks["faiss_index"][name]), name
+
+
+def test_flat_faiss_search_from_the_weight_gradient_equals_the_vector_search():
+    # abs_ip: S = G^T U is autograd's dense weight.grad (Linear and Conv2d), so find_scores(weight.grad)
+    # returns find(G, U)'s set (up to float rounding at the k-th / n-th score); lsh and rerank need the vectors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+    masking = Masking(model)
+    masking.set_masks(random_masks(masking, layer_counts(masking, 0.3, "uniform"), torch.Generator().manual_seed(0)))
+    data = digits_bundle()
+    x, y = data.train.x[:200].reshape(-1, 1, 8, 8), data.train.y[:200]
+    store = {}
+
+    def keep(name):
+        def hook(mod, inp, out):
+            store[name] = [inp[0].detach(), None]
+            out.register_hook(lambda g: store[name].__setitem__(1, g))
+        return hook
+
+    for name in masking.names:
+        masking.module(name).register_forward_hook(keep(name))
+    F.cross_entropy(model(x), y).backward()
+    search = FaissSearch(AbsInnerProduct(), k_similar=0.15)
+    assert search.answers_from_scores()
+    for name in masking.names:
+        w, m_flat = masking.weight(name), masking.mask(name).reshape(-1)
+        U, G = layer_vectors(masking.module(name), *store[name])
+        n = 20
+        got = search.find_scores(name, w.grad.view(w.shape[0], -1), m_flat, n)
+        want = FaissSearch(AbsInnerProduct(), k_similar=0.15).find(name, G, U, m_flat, n)
+        assert got.numel() == want.numel() >= 10 and torch.all(m_flat[got] == 0)  # conv: 9 queries x 2 x k=1
+        assert len(set(got.tolist()) & set(want.tolist())) >= want.numel() - 1, name
+    for other in (FaissSearch(LSHSimilarity(1.0)), FaissSearch(AbsInnerProduct(), rerank=True)):
+        assert not other.answers_from_scores()
+        with pytest.raises(NotImplementedError):
+            other.find_scores("l", torch.zeros(3, 4), torch.zeros(12), 2)

@@ -6,15 +6,23 @@ Registry :data:`SEARCHES` (``method.search``):
 * ``faiss``: index the ``a = n_out`` gradient vectors, query every input vector for its
   ``k = ceil(k_similar * a)`` most similar, merge the per-query results (:func:`_merge_topn`) and
   take the top n growable pairs; can miss pairs of the global top-n (the thesis' approximation).
+  For a metric with an exhaustive index (``abs_ip``, ``l2``: ``IndexFlatIP`` / ``IndexFlatL2``) the
+  batched queries are answered by one matrix product and a per-query selection
+  (:func:`per_query_topn`), the set faiss' flat index returns, ~10x faster on a CPU; ``lsh`` queries
+  its faiss index.
+* ``faiss_index``: the same search always through the faiss library's index (the reference
+  ``faiss`` is tested against; what ``faiss`` ran before issue 15).
 
 A search returns flat positions ``j * n_in + i`` of the weight's ``view(n_out, -1)``, a set in no
-particular order, only where ``mask_flat == 0``. :func:`check_search` is the one check that a search
-can rank a metric (``brute`` needs a metric with an exact score; ``lsh`` has none).
+particular order, only where ``mask_flat == 0``. Source of the search: thesis 001, section 3
+(Figure 3.1: per-query top-k of the index, flattened, sorted, the top K taken). :func:`check_search`
+is the one check that a search can rank a metric (``brute`` needs a metric with an exact score;
+``lsh`` has none).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -118,6 +126,18 @@ class Search:
         no particular order)."""
         raise NotImplementedError
 
+    def answers_from_scores(self) -> bool:
+        """Whether :meth:`find_scores` gives :meth:`find`'s answer from the score matrix alone."""
+        return False
+
+    def find_scores(self, key: str, S: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
+        """:meth:`find` from the ``(n_out, n_in)`` matrix ``S = metric.signed_scores(G, U)`` when the
+        caller already holds it (only where :meth:`answers_from_scores`). For ``abs_ip`` (and no row
+        subsampling) ``S = G^T U`` is autograd's dense ``weight.grad.view(n_out, -1)`` of the update step,
+        so a caller reading it needs neither the captured vectors nor the product (nor, for a
+        convolution, the unfold)."""
+        raise NotImplementedError(f"{type(self).__name__} searches the vectors, not a score matrix")
+
 
 @SEARCHES.register("brute")
 class BruteForceSearch(Search):
@@ -144,18 +164,161 @@ class BruteForceSearch(Search):
         return topk_indices(s, n)
 
 
+def _k_per_query(k_similar: float, n_out: int) -> int:
+    """The thesis' ``k = ceil(k_similar * a)`` results per query (``a = n_out`` indexed vectors), in ``[1, a]``."""
+    return min(n_out, max(1, int(math.ceil(k_similar * n_out))))
+
+
+def _per_query_candidates(S: torch.Tensor, signs: Sequence[int], k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every query's results, as faiss' flat index returns them: for each ``sign`` and input ``i`` the
+    ``k`` largest ``sign * S[j, i]`` over ``j``. Returns flat positions ``j * n_in + i`` and their
+    scores (``sign * S``), ``len(signs) * n_in * k`` of each (a pair can appear once per sign)."""
+    n_in = S.shape[1]
+    cols = torch.arange(n_in, device=S.device)
+    flats, sims = [], []
+    for sign in signs:
+        v, j = torch.topk(S.t() if sign > 0 else -S.t(), k, dim=1, sorted=False)  # (n_in, k)
+        flats.append((j * n_in + cols[:, None]).reshape(-1))
+        sims.append(v.reshape(-1))
+    return torch.cat(flats), torch.cat(sims)
+
+
+def _within_rank(group: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask: entry ``e`` is among the ``k`` largest ``value`` of its ``group`` (ties: any)."""
+    keep = np.ones(group.size, dtype=bool)
+    if group.size <= k:
+        return keep
+    counts = np.bincount(group)
+    if counts.max() <= k:
+        return keep
+    over = np.flatnonzero(counts[group] > k)  # only groups with more than k entries lose some
+    order = over[np.lexsort((-value[over], group[over]))]  # by group, best first
+    g = group[order]
+    first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    rank = np.arange(g.size) - np.repeat(first, np.diff(np.r_[first, g.size]))
+    keep[order[rank >= k]] = False
+    return keep
+
+
+def per_query_topn(S: torch.Tensor, signs: Sequence[int], k: int, mask_flat: torch.Tensor, n: int,
+                   hint: Optional[Dict[str, float]] = None, memo: Optional[dict] = None,
+                   abs_buf: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Figure 3.1 on a score matrix: the ``n`` best growable pairs among every query's top-``k``.
+
+    Args:
+        S: ``(n_out, n_in)`` float32 scores, ``S[j, i]`` the similarity of indexed vector ``g_j`` to
+            query ``u_i`` (:meth:`SimilarityMetric.signed_scores`); query ``sign * u_i`` scores ``sign * S``.
+        signs: the query signs, ``(1,)`` or ``(1, -1)`` (``-1``: the ``-q`` queries of an absolute metric).
+        k: results per query (:func:`_k_per_query`).
+        mask_flat: ``(n_out * n_in,)``, ``== 0`` marks the growable pairs (``S``'s row-major positions).
+        n: how many pairs to return.
+        hint, memo: per-layer dicts carried between calls (``hint['t']``: the preselection threshold,
+            relative to the mean ``|S|`` for two signs; ``hint['mg']``: its margin, 1.3 to 4;
+            ``hint['r']``: margin x the last ratio of preselected to usable pairs; ``memo``:
+            :func:`topk_indices`' sample).
+        abs_buf: optional reused ``(n_out * n_in,)`` float32 buffer for ``|S|``.
+
+    Returns:
+        Flat positions ``j * n_in + i`` (long tensor), a set of at most ``n`` growable pairs, equal to
+        the merge (:func:`_merge_topn`) of all per-query results up to ties.
+
+    On the CPU the per-query lists are never built: the pairs of the highest ``max_sign sign * S`` are
+    preselected, all those at or above a threshold carried from the previous call (set to keep about
+    ``margin * n`` usable pairs; the margin grows 1.5x after a miss, shrinks 5% after a hit; a missed
+    positive threshold is halved, twice at most) or else the exact top ``m`` (:func:`topk_indices`).
+    For a pair with score ``v >= tau`` (``tau`` the lowest preselected; with two signs ``tau > 0``, so
+    only the pair's own sign reaches it) every pair of its query that the same sign scores higher is
+    preselected too, so its rank in that query's result list, and hence whether the list holds it,
+    is known exactly from the preselection (:func:`_within_rank`, a sort only of the queries with
+    more than ``k`` preselected pairs). If the preselection holds ``n`` growable listed pairs they are
+    the answer (every unlisted or lower pair scores at most ``tau``); else the preselection grows, and
+    the full lists (:func:`_per_query_candidates`) are the last resort (also on CUDA, where
+    ``torch.topk`` over the queries is cheap).
+    """
+    n_out, n_in = S.shape
+    N = n_out * n_in
+    signs = tuple(int(s) for s in signs)
+    M = host_view(mask_flat)
+    S_np = host_view(S)
+    if n > 0 and isinstance(M, np.ndarray) and isinstance(S_np, np.ndarray) and signs in ((1,), (1, -1)):
+        S_flat = S_np.reshape(-1)
+        if signs == (1,):
+            A = S_flat
+        else:
+            A = np.abs(S_flat, out=abs_buf if abs_buf is not None and abs_buf.size == N else None)
+        hint = {} if hint is None else hint
+        # |S| thresholds are kept relative to the mean |S| of every 61st pair (a fixed stride, so a fixed
+        # sample: the gradient's scale moves between batches)
+        scale = float(A[::61].mean()) if len(signs) == 2 else 1.0
+        if not scale > 0:
+            scale = 1.0
+        margin = hint.get("mg", 1.3)
+        t = hint.get("t")
+        t = None if t is None else t * scale
+        relax, m = 2 if len(signs) == 2 else 0, None
+        while True:
+            if t is not None:  # a carried threshold: one comparison pass
+                P = np.flatnonzero(A >= t)
+            else:
+                m = m or min(N, int(hint.get("r", 2.5) * n) + 16)
+                if m >= N:
+                    break
+                P = topk_indices(A, m, memo=memo)  # the exact top-m (sampled threshold)
+            v = A[P]
+            if P.size and len(signs) == 2 and not float(v.min()) > 0:
+                break  # zero scores preselected: their list membership depends on the other sign
+            group = P % n_in
+            if len(signs) == 2:
+                group = 2 * group + (S_flat[P] < 0)
+            ok = _within_rank(group, v, k)
+            ok &= M[P] == 0
+            f, s = P[ok], v[ok]
+            ratio = P.size / max(f.size, 1)  # preselected per usable pair
+            if f.size >= n:
+                want = int(margin * n * ratio) + 16  # the next call's preselection
+                hint["r"], hint["mg"] = margin * ratio, max(1.3, 0.95 * margin)
+                nxt = float(np.partition(v, P.size - want)[P.size - want] if want < P.size else v.min())
+                hint["t"] = nxt / scale
+                if f.size > n:
+                    f = f[np.argpartition(s, f.size - n)[f.size - n:]]
+                return torch.from_numpy(f)
+            margin = hint["mg"] = min(4.0, 1.5 * margin)
+            if t is not None and relax > 0:  # positive |S| threshold: relax it (twice at most)
+                t, relax = 0.5 * t, relax - 1
+                continue
+            t = None
+            m = min(N, max(2 * P.size, int(margin * n * ratio) + 16))
+    flat, sim = _per_query_candidates(S, signs, k)
+    if isinstance(M, np.ndarray):
+        flat, sim = flat.numpy(), sim.numpy()
+    return _merge_topn(flat, sim, mask_flat, n)
+
+
 @SEARCHES.register("faiss")
 class FaissSearch(Search):
-    """faiss: index the ``a = n_out`` gradient vectors, query every input vector for its
-    ``k = ceil(k_similar * a)`` most similar (``q`` and ``-q`` for absolute metrics), merge and take
-    the top n growable pairs (Figure 3.1, left). Indexes are cached per layer and dimension (an LSH
+    """Figure 3.1's search (thesis 001, section 3): index the ``a = n_out`` gradient vectors, query
+    every input vector for its ``k = ceil(k_similar * a)`` most similar (``q`` and ``-q`` for absolute
+    metrics), merge and take the top n growable pairs.
+
+    A metric whose faiss index is exhaustive (:attr:`SimilarityMetric.flat_index`: ``abs_ip``'s
+    ``IndexFlatIP``, ``l2``'s ``IndexFlatL2``) is searched as that index searches a batch of queries,
+    one matrix product of the query and indexed vectors (:meth:`SimilarityMetric.signed_scores`)
+    followed by each query's top-k, here selected without materialising the lists
+    (:func:`per_query_topn`): the same set as faiss' index (tested against it), hence the same recall
+    and the same grown positions up to float rounding at the k-th or n-th score, without faiss' per-query
+    heaps (6x the fixed-mask step time at ΔT=1 before, results/bench/dst.txt). Other metrics (``lsh``)
+    query their faiss index (:meth:`find_index`): indexes are cached per layer and dimension (an LSH
     rotation is drawn once). With ``rerank`` the merged candidates are re-scored by the exact
-    ``|<g, u>|`` before the top n, read from the ``(n_out, n_in)`` product ``|G^T U|`` (one matmul:
-    as costly as brute force's scoring, but the candidate set still comes from the index)."""
+    ``|<g, u>|`` before the top n, read from the ``(n_out, n_in)`` product ``|G^T U|`` (through the
+    index: with exact flat scores a re-score only changes pairs scored by the other sign's query).
+    :meth:`find_scores` takes the product itself (``abs_ip``: ``weight.grad``)."""
 
     def __init__(self, metric, k_similar=0.15, rerank=False):
         super().__init__(metric, k_similar, rerank)
         self._indexes: Dict[Tuple[str, int], object] = {}
+        self._hints: Dict[str, dict] = {}  # per layer: per_query_topn's thresholds (derived data)
+        self._products: Dict[str, torch.Tensor] = {}  # per layer: the (n_out, n_in) product buffer (CPU)
+        self._abs: Dict[str, np.ndarray] = {}  # per layer: |S| (CPU)
 
     def _index(self, key: str, db: np.ndarray):
         dim = db.shape[1]
@@ -172,12 +335,53 @@ class FaissSearch(Search):
         idx.add(db)
         return idx
 
+    def answers_from_scores(self):
+        return bool(self.metric.flat_index and not self.rerank)
+
+    def find_scores(self, key, S, mask_flat, n):
+        if not self.answers_from_scores():
+            raise NotImplementedError(f"method.search=faiss: {type(self.metric).__name__} (rerank={self.rerank}) "
+                                      f"needs the vectors (find)")
+        S = S.detach().float().view(S.shape[0], -1)
+        if S.device != mask_flat.device:
+            S = S.to(mask_flat.device)
+        return per_query_topn(S, self.metric.signs, _k_per_query(self.k_similar, S.shape[0]), mask_flat, n,
+                              hint=self._hints.setdefault(key, {}), abs_buf=self._abs_buffer(key, S))
+
+    def _abs_buffer(self, key: str, S: torch.Tensor) -> Optional[np.ndarray]:
+        """This layer's reused host buffer for ``|S|`` (only a two-sign metric on the CPU needs one)."""
+        if len(self.metric.signs) != 2 or S.device.type != "cpu":
+            return None
+        buf = self._abs.get(key)
+        if buf is None or buf.size != S.numel():
+            buf = self._abs[key] = np.empty(S.numel(), dtype=np.float32)
+        return buf
+
     def find(self, key, G, U, mask_flat, n):
+        if not self.answers_from_scores():
+            return self.find_index(key, G, U, mask_flat, n)
+        n_out, n_in = G.shape[1], U.shape[1]
+        k = _k_per_query(self.k_similar, n_out)
+        out = None
+        if G.device.type == "cpu" and G.dtype == U.dtype == torch.float32:  # reuse this layer's product buffer
+            out = self._products.get(key)
+            if out is None or out.shape != (n_out, n_in):
+                out = self._products[key] = torch.empty(n_out, n_in)
+        S = self.metric.signed_scores(G.detach(), U.detach(), out=out).float()
+        if S.device != mask_flat.device:
+            S = S.to(mask_flat.device)
+        return per_query_topn(S, self.metric.signs, k, mask_flat, n, hint=self._hints.setdefault(key, {}),
+                              abs_buf=self._abs_buffer(key, S))
+
+    def find_index(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
+        """The search through the faiss library's index of the metric (:meth:`SimilarityMetric.index`):
+        the ``n_in`` queries (twice, ``q`` and ``-q``, for two signs) in one ``search`` call, then
+        :func:`_merge_topn`. Same arguments and result as :meth:`Search.find`."""
         n_out, n_in = G.shape[1], U.shape[1]
         db = np.ascontiguousarray(G.t().detach().cpu().float().numpy())
         ut = U.t().detach().cpu().float().numpy()  # (n_in, R) view
         index = self._index(key, db)
-        k = min(n_out, max(1, int(math.ceil(self.k_similar * n_out))))
+        k = _k_per_query(self.k_similar, n_out)
         signs = self.metric.signs
         queries = np.empty((len(signs) * n_in, ut.shape[1]), dtype=np.float32)  # q and -q: one search call
         for i, sign in enumerate(signs):
@@ -199,3 +403,14 @@ class FaissSearch(Search):
             flat = torch.from_numpy(flat[flat >= 0]).to(mask_flat.device)
             sim = (G.t() @ U).abs_().reshape(-1)[flat.to(G.device)].to(mask_flat.device)
         return _merge_topn(flat, sim, mask_flat, n)
+
+
+@SEARCHES.register("faiss_index")
+class FaissIndexSearch(FaissSearch):
+    """:class:`FaissSearch` always through the faiss library's index (:meth:`FaissSearch.find_index`),
+    also for the exhaustive ``IndexFlatIP`` / ``IndexFlatL2``: the reference the matrix-product path
+    of ``faiss`` is tested and benchmarked against (what ``faiss`` ran before issue 15; on this
+    project's 1-thread CPU its per-query heaps cost ~10x the product and selection)."""
+
+    def find(self, key, G, U, mask_flat, n):
+        return self.find_index(key, G, U, mask_flat, n)

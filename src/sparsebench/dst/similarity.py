@@ -11,12 +11,13 @@ Registry :data:`METRICS` (``method.metric``):
 
 Each metric carries its metadata: ``signs`` (query signs for faiss), ``brute_force`` (has an exact
 ``(n_out, n_in)`` score matrix a brute-force search can rank), ``is_weight_gradient`` (that matrix is
-``|weight.grad|``, so an exact search may read autograd's gradient instead), and builds itself from
-the flat ``method.*`` parameters (:meth:`SimilarityMetric.from_params`).
+``|weight.grad|``, so an exact search may read autograd's gradient instead), ``flat_index`` (its faiss
+index is exhaustive, so :meth:`SimilarityMetric.signed_scores` is every score the index would
+compare), and builds itself from the flat ``method.*`` parameters (:meth:`SimilarityMetric.from_params`).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,11 +35,15 @@ class SimilarityMetric:
         signs: query signs used with faiss (``(1, -1)`` turns a signed inner product into |.|).
         brute_force: :meth:`exact` is a score a brute-force search may rank (False: approximate index only).
         is_weight_gradient: :meth:`exact` equals ``|dL/dW|`` of the layer (``|G^T U|``).
+        flat_index: :meth:`index` is an exhaustive (``IndexFlat*``) faiss index: for the query
+            ``sign * u_i`` it returns the exact top-k over ``j`` of ``sign * signed_scores(G, U)[j, i]``
+            (after :meth:`from_faiss`), so one matrix product can stand in for the index (same set).
     """
 
     signs: Tuple[int, ...] = (1,)
     brute_force = True
     is_weight_gradient = False
+    flat_index = False
 
     @classmethod
     def from_params(cls, bits: float = 1.0) -> "SimilarityMetric":
@@ -52,6 +57,13 @@ class SimilarityMetric:
     def reference(self, G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """The exact score approximate search is judged against (recall)."""
         return self.exact(G, U)
+
+    def signed_scores(self, G: torch.Tensor, U: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(n_out, n_in)`` scores ``S`` with: the faiss index of the ``g_j`` queried with ``sign * u_i``
+        scores ``g_j`` as ``sign * S[j, i]`` (after :meth:`from_faiss`), for every ``sign`` in :attr:`signs`.
+        Only metrics with :attr:`flat_index` define it (``G``'s dtype and device). ``out``: an optional
+        ``(n_out, n_in)`` buffer of that dtype and device the result may be written into (and returned)."""
+        raise NotImplementedError(f"{type(self).__name__} has no flat (exhaustive) faiss index")
 
     def index(self, dim: int):
         """A fresh faiss index for ``dim``-dimensional vectors."""
@@ -68,9 +80,13 @@ class AbsInnerProduct(SimilarityMetric):
 
     signs = (1, -1)
     is_weight_gradient = True
+    flat_index = True
 
     def exact(self, G, U):
         return (G.t() @ U).abs_()
+
+    def signed_scores(self, G, U, out=None):  # <g_j, s * u_i> = s * (G^T U)[j, i]
+        return torch.mm(G.t(), U, out=out) if out is not None else G.t() @ U
 
     def index(self, dim):
         import faiss
@@ -81,6 +97,11 @@ class AbsInnerProduct(SimilarityMetric):
 @METRICS.register("l2")
 class L2Similarity(SimilarityMetric):
     """``-||g_j - u_i||^2`` (thesis Table 3.2); faiss ``IndexFlatL2``."""
+
+    flat_index = True
+
+    def signed_scores(self, G, U, out=None):  # one query sign: the exact score
+        return self.exact(G, U)
 
     def exact(self, G, U):
         g2 = (G * G).sum(0)[:, None]
