@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsebench.core.errors import ConfigError
-from sparsebench.graph.backends import GRAPH_BACKENDS, backend_names, drop_self, smallest_k
+from sparsebench.graph.backends import GRAPH_BACKENDS, backend_names, drop_self, make_backend, smallest_k
 from sparsebench.graph.knn import knn_graph, knn_search, recall_at_k, sampled_recall
 
 
@@ -91,6 +91,17 @@ def test_nndescent_recall_on_digits(nnd_graph, digits_exact, digits):
     assert (nnd_graph.indices != np.arange(len(digits[1]))[:, None]).all()
     # the sampled estimate used by the methods is close to the full value
     assert abs(sampled_recall(nnd_graph, digits[0], sample=800, seed=1) - r) < 0.02
+
+
+def test_nndescent_tuning_reaches_pynndescent(nnd_graph, digits, digits_exact):
+    """n_trees / n_iters / low_memory / max_candidates go to pynndescent.NNDescent (compiled already by
+    the nnd_graph fixture); None keeps pynndescent's default."""
+    b = make_backend("pynndescent", n_trees=3, n_iters=2, low_memory=False, max_candidates=8, leaf_size=None)
+    with b.threads():
+        d, i = b.graph(digits[0], 10)
+    assert (b.index.n_trees, b.index.n_iters, b.index.low_memory, b.index.max_candidates) == (3, 2, False, 8)
+    assert b.index.leaf_size is None
+    assert recall_at_k(i, digits_exact.indices) > 0.8
 
 
 def test_recall_helper():

@@ -150,6 +150,36 @@ def test_pca_solvers_agree(digits):
         pca(x, 100)
 
 
+@pytest.mark.parametrize("solver", ["covariance", "randomized"])
+def test_pca_fit_transform_fuses_the_scaling(digits, solver):
+    """(x - offset) * scale inside the centring gives the PCA of the scaled features, with the mean in
+    scaled units and scores = (features - mean) @ axes."""
+    from sparsebench.graph.pca import pca_fit_transform
+
+    x = digits[0] * 16.0
+    lo, hi = float(x.min()), float(x.max())
+    mean, axes, z = pca_fit_transform(x, 10, solver, seed=3, offset=lo, scale=1.0 / (hi - lo))
+    xs = scale_unit(x)
+    np.testing.assert_allclose(mean, xs.mean(0), atol=1e-6)
+    np.testing.assert_allclose(z, (xs - mean) @ axes, atol=1e-4)
+    np.testing.assert_allclose(np.abs(z), np.abs(pca(xs, 10, solver, seed=3)), atol=1e-3)
+
+
+def test_randomized_pca_keeps_the_variance_and_the_callers_rng(digits):
+    import torch
+
+    x = digits[0]
+    var = lambda z: float((z.astype(np.float64) ** 2).sum())  # noqa: E731
+    exact = var(pca(x, 20, "covariance"))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    z = pca(x, 20, "randomized", seed=1)
+    assert torch.equal(torch.rand(3), expected)  # the solver's own generator, not torch's global one
+    assert 0.99 * exact < var(z) <= exact * (1 + 1e-5)
+    np.testing.assert_array_equal(z, pca(x, 20, "randomized", seed=1))  # seeded
+
+
 def test_knn_classifier(digits):
     x, y = digits
     pb, _, _ = knn_classify(x[:1400], y[:1400], x[1400:], k=5, backend="brute")

@@ -227,13 +227,14 @@ class FaissFlatBackend(_FaissBackend):
 class FaissIVFBackend(_FaissBackend):
     """Approximate search with faiss ``IndexIVFFlat``.
 
-    Params: ``nlist`` (k-means cells; default ``4 sqrt(n)``), ``nprobe`` (cells visited per query; 8).
+    Params: ``nlist`` (k-means cells; default ``4 sqrt(n)``, at most ``n``: k-means needs a training point
+    per cell), ``nprobe`` (cells visited per query; 8).
     """
 
     name, exact = "faiss_ivf", False
 
     def _make_index(self, faiss, d, n):
-        nlist = int(self.params.get("nlist") or max(1, min(n // 39, int(4 * np.sqrt(n)))))
+        nlist = min(n, int(self.params.get("nlist") or max(1, min(n // 39, int(4 * np.sqrt(n))))))
         quantizer = faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist)
         index.cp.seed = self.seed
@@ -292,10 +293,18 @@ class NNDescentBackend(NeighborBackend):
     The graph of a set with itself is pynndescent's ``neighbor_graph`` (no search step). Queries of
     new points use its search graph (``prepare`` + ``query``; compiled separately on first use).
 
-    Params: ``n_trees`` / ``n_iters`` (pynndescent defaults when ``None``), ``deterministic``
-    (pass ``random_state=seed``: reproducible but single-threaded and slower; default ``False``),
-    ``epsilon`` (query search breadth; 0.1).
+    Params: ``n_trees`` / ``n_iters`` (pynndescent defaults when ``None``: ``max(3, min(12, round(2
+    log10 n)))`` random-projection trees, 10 for 70 000 points, and ``max(5, round(log2 n))`` iterations,
+    16, stopped early once fewer than ``delta n k`` heap updates happen), ``max_candidates`` (new
+    candidates per point and iteration; default ``min(60, k + 1)``), ``leaf_size`` (default
+    ``max(60, min(256, 5 (k + 1)))``), ``low_memory`` (True, pynndescent's default), ``delta`` (0.001),
+    ``deterministic`` (pass ``random_state=seed``: reproducible but single-threaded and slower; default
+    ``False``), ``epsilon`` (query search breadth; 0.1). None of these defaults depends on ``k`` except
+    ``max_candidates`` and ``leaf_size``, so the work per iteration grows with ``k``.
     """
+
+    #: NNDescent keyword arguments taken from ``params`` when given (None: pynndescent's default)
+    TUNING = ("n_trees", "n_iters", "max_candidates", "leaf_size", "low_memory", "delta")
 
     name, exact, jit = "pynndescent", False, True
 
@@ -310,9 +319,9 @@ class NNDescentBackend(NeighborBackend):
     def _index(self, data, n_neighbors):
         pynndescent = import_pynndescent()
         rs = self.seed if self.params.get("deterministic") else None
-        return pynndescent.NNDescent(data, n_neighbors=n_neighbors, n_trees=self.params.get("n_trees"),
-                                     n_iters=self.params.get("n_iters"), random_state=rs, n_jobs=self.num_threads,
-                                     compressed=False)
+        tuning = {key: self.params[key] for key in self.TUNING if self.params.get(key) is not None}
+        return pynndescent.NNDescent(data, n_neighbors=n_neighbors, random_state=rs, n_jobs=self.num_threads,
+                                     compressed=False, **tuning)
 
     def fit(self, base):
         self.index = self._index(base, int(self.params.get("index_neighbors") or 30))

@@ -36,7 +36,7 @@ from sparsebench.graph.affinity import EDGE_WEIGHTS, affinity, normalized_affini
 from sparsebench.graph.backends import GRAPH_BACKENDS, warmup
 from sparsebench.graph.knn import check_k, knn_graph, knn_search
 from sparsebench.core.threads import torch_threads
-from sparsebench.graph.pca import PCA_SOLVERS, pca_fit
+from sparsebench.graph.pca import PCA_SOLVERS, pca_fit_transform
 from sparsebench.graph.spreading import PROPAGATORS, label_spreading, seed_matrix
 
 UNLABELED = -1  # scikit-learn's marker of a hidden label
@@ -149,16 +149,23 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         return np.ascontiguousarray(zt.numpy())
 
     def _fit_features(self, X: np.ndarray) -> np.ndarray:
-        """Fit the scaling range and the PCA axes on ``X`` ``(n, d)``; return its features ``(n, c)``."""
-        x = np.asarray(X, dtype=np.float32)
+        """Fit the scaling range and the PCA axes on ``X`` ``(n, d)``; return its features ``(n, c)``.
+
+        With PCA the scaling is fused into the centring (:func:`~sparsebench.graph.pca.pca_fit_transform`:
+        one pass over ``X``) and the scores come from the solver, so ``X`` is not projected a second time.
+        """
+        x = np.ascontiguousarray(X, dtype=np.float32)
         self.scale_range_ = (float(x.min()), float(x.max()))
-        z = self._scale(x)
-        if self.pca_components:
-            if int(self.pca_components) > min(x.shape):
-                raise ConfigError(f"pca_components={self.pca_components}: must be <= {min(x.shape)} "
-                                  f"(min of samples and features)")
-            self.pca_mean_, self.pca_axes_ = pca_fit(z, int(self.pca_components), self.pca_solver, self._seed())
-        return self._project(z)
+        if not self.pca_components:
+            return self._scale(x)
+        if int(self.pca_components) > min(x.shape):
+            raise ConfigError(f"pca_components={self.pca_components}: must be <= {min(x.shape)} "
+                              f"(min of samples and features)")
+        lo, hi = self.scale_range_
+        offset, scale = (lo, 1.0 / (hi - lo)) if self.scale and hi > lo else (0.0, 0.0 if self.scale else 1.0)
+        self.pca_mean_, self.pca_axes_, z = pca_fit_transform(x, int(self.pca_components), self.pca_solver,
+                                                              self._seed(), offset=offset, scale=scale)
+        return z
 
     # ------------------------------------------------------------------ fit / predict
     def fit(self, X, y) -> "LabelSpreading":
@@ -249,8 +256,7 @@ def warmup_pipeline(est: LabelSpreading) -> float:
     if GRAPH_BACKENDS.get(est.graph).jit:
         warmup(est.graph, num_threads=params.get("num_threads"))
     with torch_threads(est.num_threads):
-        mean, axes = pca_fit(x, min(8, est.pca_components or 8), est.pca_solver, 0)
-        z = ((torch.from_numpy(x) - torch.from_numpy(mean)) @ torch.from_numpy(axes)).numpy()
+        _, _, z = pca_fit_transform(x, min(8, est.pca_components or 8), est.pca_solver, 0)
         g = knn_graph(np.ascontiguousarray(z), 5, backend=est.graph, **{**params, "seed": 0})
         S = normalized_affinity(affinity(g, est.weighting, heat_neighbor=est.heat_neighbor))
         label_spreading(S, seed_matrix(np.arange(200) % 2, np.arange(200) < 20, 2), est.alpha, est.solver, max_iter=5)

@@ -86,31 +86,113 @@ def _extrapolated(spec: dict, runs: pd.DataFrame, reported: dict) -> List[dict]:
 
 
 def k_sweep(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """T000-k-sweep: :func:`lpa_table` plus ``results/T000-k-sweep.png`` (accuracy and time vs k)."""
-    table = lpa_table(spec, runs)
+    """T000-k-sweep: accuracy against k from the runs (:func:`lpa_table`, mean ± std over mask seeds) and
+    the time against k measured here by :func:`k_sweep_timing`; writes ``results/T000-k-sweep.png``.
+
+    Timing rows (settings ``k=<k>``): ``graph_seconds_min`` / ``_median``, ``propagation_seconds_min`` /
+    ``_median`` and ``graph_plus_propagation_seconds_min`` / ``_median`` (PCA is fixed and excluded: it
+    does not depend on k); ``measured_std`` is the spread over the repetitions, ``n_seeds`` their number.
+    The runs' own ``*_seconds`` are not reported: each run times one graph, in table order, so machine
+    load and its phase bias them (see the spec).
+    """
     if runs.empty:
-        return table
+        return lpa_table(spec, runs)
+    timing, loads = k_sweep_timing(spec, sorted(int(k) for k in runs["k"].unique()))
+    spec = {**spec, "scale": f"{spec['scale']}; timing: {len(loads)} interleaved repetitions, load average "
+                             f"{min(loads):.1f}-{max(loads):.1f}"}
+    table = lpa_table(spec, runs)
+    first = runs.groupby("k").first()
+    out = []
+    for k, g in timing.groupby("k", sort=True):
+        extra = {c: first.loc[k, c] for c in EXTRA if c in first.columns and c != "k"}
+        extra.update(k=int(k), dataset=first.loc[k, "dataset"])
+        for m in ("graph_seconds", "propagation_seconds", "graph_plus_propagation_seconds"):
+            v = g[m].astype(float)
+            for stat, value in (("min", v.min()), ("median", v.median())):
+                r = rows(spec, f"k={k}", f"{m}_{stat}", [value], "figure only", **extra)
+                r.update(measured_std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, n_seeds=int(len(v)))
+                out.append(r)
+    table = pd.concat([table, pd.DataFrame(out)], ignore_index=True)
+    _k_sweep_figure(spec, runs, timing)
+    return table
+
+
+def k_sweep_timing(spec: dict, ks: List[int]):
+    """Time the approximate graph and the propagation against ``k`` alone, interleaved.
+
+    The features are computed once (the first cell's configuration, mask seed ``timing.seed``) and the
+    timed fits use ``timing.num_threads`` torch / numba threads (None: the configuration's); every
+    backend's one-time costs are paid first (pynndescent's numba compilation, then one untimed graph at
+    full size); then ``timing.repeats`` repetitions each time every ``k`` once, in an order rotated by
+    one per repetition (so drift in machine load does not line up with ``k``), through the same
+    :class:`~sparsebench.graph.estimator.LabelSpreading` as the runs (PCA off: the features are given).
+
+    Returns:
+        ``(DataFrame with columns rep, k, graph_seconds, propagation_seconds,
+        graph_plus_propagation_seconds, acc_masked; [load average before each repetition])``.
+    """
+    import os
+
+    from omegaconf import OmegaConf
+
+    from sparsebench.api import compose
+    from sparsebench.graph.estimator import warmup_pipeline
+    from sparsebench.graph.spreading import mask_labels
+    from sparsebench.methods import METHODS
+    from sparsebench.methods.lpa import load_pool
+    from sparsebench.tables.spec import cell_overrides, is_quick
+
+    p = spec.get("timing") or {}
+    repeats, seed, threads = int(p.get("repeats", 5)), int(p.get("seed", 0)), p.get("num_threads")
+    cfg = compose(cell_overrides(spec, spec["cells"][0], "quick" if is_quick(spec) else "setting", seed))
+    c = METHODS.schema(cfg.method.name)(**OmegaConf.to_container(cfg.method, resolve=True))
+    x, y, C = load_pool(cfg.dataset, seed, c.splits, c.n_samples)
+    labelled = mask_labels(y, c.mask_fraction, seed, C, key="method.mask_fraction")
+    y_in = np.where(labelled, y, -1)
+    est = c.estimator(seed)
+    est.fit(x, y_in)  # also warms the PCA solver and the first k
+    z = est.X_
+    est.set_params(pca_components=None, scale=False, num_threads=threads)
+    warmup_pipeline(est)
+    est.set_params(n_neighbors=ks[len(ks) // 2]).fit(z, y_in)  # one untimed full-size graph
+    recs, loads = [], []
+    for rep in range(repeats):
+        loads.append(os.getloadavg()[0])
+        for k in ks[rep % len(ks):] + ks[:rep % len(ks)]:
+            est.set_params(n_neighbors=k).fit(z, y_in)
+            t = est.timings_
+            recs.append({"rep": rep, "k": k, "graph_seconds": t["graph"], "propagation_seconds": t["propagation"],
+                         "graph_plus_propagation_seconds": t["graph"] + t["propagation"],
+                         "acc_masked": float((est.transduction_[~labelled] == y[~labelled]).mean())})
+    return pd.DataFrame(recs), loads
+
+
+def _k_sweep_figure(spec: dict, runs: pd.DataFrame, timing: pd.DataFrame) -> None:
+    """Accuracy (mean ± std over mask seeds) and seconds (min and median over interleaved repetitions)
+    against k."""
     plt = pyplot()
-    g = runs.groupby("k")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    for a, col, name in ((ax[0], "acc_masked", "accuracy on masked labels"), (ax[1], None, "seconds")):
-        if col:
-            m, s = g[col].mean(), g[col].std().fillna(0)
-            a.errorbar(m.index, m.values, yerr=s.values, marker="o", capsize=3)
-        else:
-            for c, lab in (("total_seconds", "total (PCA + graph + propagation)"), ("graph_seconds", "graph"),
-                           ("propagation_seconds", "propagation")):
-                m, s = g[c].mean(), g[c].std().fillna(0)
-                a.errorbar(m.index, m.values, yerr=s.values, marker="o", capsize=3, label=lab)
-            a.legend(fontsize=8)
+    g = runs.groupby("k")["acc_masked"]
+    m, s = g.mean(), g.std().fillna(0)
+    ax[0].errorbar(m.index, m.values, yerr=s.values, marker="o", capsize=3)
+    ax[0].set_ylabel(f"accuracy on masked labels ({runs.seed.nunique()} mask seeds)")
+    t = timing.groupby("k")
+    for col, lab in (("graph_plus_propagation_seconds", "graph + propagation"), ("graph_seconds", "graph"),
+                     ("propagation_seconds", "propagation")):
+        lo, med = t[col].min(), t[col].median()
+        line, = ax[1].plot(lo.index, lo.values, marker="o", label=f"{lab} (min)")
+        ax[1].plot(med.index, med.values, marker="x", ls="--", color=line.get_color(), label=f"{lab} (median)")
+    ax[1].set_ylabel(f"seconds ({timing.rep.nunique()} interleaved repetitions)")
+    ax[1].set_ylim(bottom=0)
+    ax[1].legend(fontsize=7)
+    for a in ax:
         a.set_xlabel("k (neighbours)")
-        a.set_ylabel(name)
         a.grid(alpha=0.3)
-    fig.suptitle(f"{spec['id']}: label spreading vs k ({spec['dataset_used']}; mean ± std over "
-                 f"{runs.seed.nunique()} mask seeds)", fontsize=9)
+    threads = (spec.get("timing") or {}).get("num_threads")
+    fig.suptitle(f"{spec['id']}: label spreading vs k ({spec['dataset_used']}); time without PCA, warm-up "
+                 f"excluded{f', {threads} thread(s)' if threads else ''}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, spec, dpi=120)
-    return table
 
 
 def knn_classifier(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
