@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.models import MLP
-from sparsebench.sparsity.kernels import KERNELS, CSRStructure, TorchCSRKernels, get_kernels
+from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.kernels import (AUTO_ORDER, KERNELS, CSRStructure, TorchCSRKernels, available_kernels,
+                                        get_kernels, resolve_kernels)
 from sparsebench.sparsity.masking import Masking
 from sparsebench.sparsity.selection import num_to_keep, topk_mask
 from sparsebench.sparsity.sparse_linear import SparseTrainLinear, set_update, sparsify_for_training, state_bytes
@@ -17,20 +19,28 @@ def _random_mask(shape, density, g):
     return topk_mask(torch.rand(shape, generator=g), num_to_keep(shape[0] * shape[1], density))
 
 
+BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(n not in available_kernels(), reason=f"{n} not installed"))
+            for n in KERNELS.names()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_gradients_match_masked_dense(density, bias):
+def test_forward_and_gradients_match_masked_dense(backend, density, bias):
     g = torch.Generator().manual_seed(int(density * 1e4) + bias)
-    for trial in range(3):
+    for trial in range(4):
         out, inp = (int(v) for v in torch.randint(1, 300, (2,), generator=g))
         batch = int(torch.randint(1, 300, (1,), generator=g))
         mask = _random_mask((out, inp), density, g)
         w = torch.randn(out, inp, generator=g) * mask
         b = torch.randn(out, generator=g) if bias else None
-        layer = SparseTrainLinear(w, mask, b)
-        if trial == 1:  # large batches split into chunks
+        layer = SparseTrainLinear(w, mask, b, kernels=backend)
+        assert layer.kernels_name == backend
+        if trial == 1 and backend == "torch_csr":  # large batches split into chunks
             layer.kernels = TorchCSRKernels(chunk=64)
         x = torch.randn(batch, inp, generator=g, requires_grad=True)
+        if trial == 3:  # feature-major input, as a previous sparse layer returns it
+            x = torch.randn(inp, batch, generator=g).t().requires_grad_()
         dy = torch.randn(batch, out, generator=g)
         (layer(x) * dy).sum().backward()
         wd = w.clone().requires_grad_()
@@ -52,15 +62,32 @@ def test_structure_orders_and_errors():
     mask = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.float32)
     s = CSRStructure.from_mask(mask)
     assert s.crow.tolist() == [0, 2, 3] and s.col.tolist() == [1, 2, 0]
+    assert s.crow.dtype == torch.int32 and s.col.dtype == torch.int16 and s.cache_nbytes() == 0
+    assert s.nbytes() == 3 * 4 + 3 * 2
     assert s.t_crow.tolist() == [0, 1, 2, 3] and s.t_col.tolist() == [1, 0, 0] and s.perm.tolist() == [2, 0, 1]
     assert s.flat().tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="duplicate"):
         CSRStructure.from_flat(torch.tensor([1, 1]), (2, 3))
     with pytest.raises(ValueError, match="range"):
         CSRStructure.from_flat(torch.tensor([6]), (2, 3))
-    assert "torch_csr" in KERNELS
-    with pytest.raises(Exception, match="allowed"):
+    assert s.cache_nbytes() == 3 * 4 + 3 * 4 + 4 * 4  # transposed structure built on first use, then counted
+    assert "torch_csr" in KERNELS and "torch_csr" in available_kernels() and AUTO_ORDER[-1] == "torch_csr"
+    assert resolve_kernels("auto") == next(n for n in AUTO_ORDER if n in available_kernels())
+    assert resolve_kernels("torch_csr") == "torch_csr"
+    with pytest.raises(ConfigError, match="allowed"):
         get_kernels("nope")
+
+
+def test_wide_inputs_use_int32_columns():
+    g = torch.Generator().manual_seed(0)
+    inp = 40000  # past int16
+    flat = torch.randperm(3 * inp, generator=g)[:500]
+    s = CSRStructure.from_flat(flat, (3, inp))
+    assert s.col.dtype == torch.int32 and bool((s.flat() == torch.sort(flat).values).all())
+    layer = SparseTrainLinear(s.to_dense(torch.randn(500, generator=g)), s.to_dense(torch.ones(500)), None,
+                              kernels="torch_csr")
+    x = torch.randn(4, inp, generator=g)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().t(), rtol=1e-4, atol=1e-4)
 
 
 def _models(density, seed=0):
@@ -156,7 +183,7 @@ def test_set_update_exact_density_zero_state_and_drops_smallest():
     layer(x).sum().backward()  # the rebuilt structure trains
     opt.step()
     sd = layer.state_dict()
-    assert set(sd) >= {"values", "crow", "col", "t_crow", "t_col", "perm"}
+    assert set(sd) == {"values", "crow", "col"}  # the transposed structure is a cache, not state
 
 
 def _trainer_run(sparse, checkpoint=None, iterations=12):
@@ -185,3 +212,41 @@ def test_trainer_switch_tracks_masked_dense_and_resumes(tmp_path):
     _trainer_run(True, checkpoint=ck, iterations=6)  # writes a checkpoint at its end (6 steps = 1 epoch)
     tr_r, res_r = _trainer_run(True, checkpoint=ck)  # resumes from step 6
     assert abs(res_r["test_loss"] - res_s["test_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_and_cache_follow_the_structure(backend):
+    """Parameters + gradient + momentum + indices after a step: <= 1.3 x density x dense for a
+    transpose-free backend; torch_csr adds its cached transposed structure (counted). The cache is
+    rebuilt after a topology update and after loading a checkpoint of the earlier layout."""
+    g = torch.Generator().manual_seed(7)
+    out, inp, density = 300, 200, 0.05
+    mask = _random_mask((out, inp), density, g)
+    w = torch.randn(out, inp, generator=g) * mask
+    layer = SparseTrainLinear(w, mask, None, kernels=backend)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x, dy = torch.randn(64, inp, generator=g, requires_grad=True), torch.randn(64, out, generator=g)
+    (layer(x) * dy).sum().backward()
+    opt.step()
+    dense_bytes = 3 * out * inp * 4  # weight + gradient + momentum, float32
+    ratio = state_bytes(layer, opt) / (density * dense_bytes)
+    cache = layer.structure.cache_nbytes()
+    assert (cache > 0) == (backend == "torch_csr")
+    assert ratio <= 1.3 if cache == 0 else ratio > 1.3
+    s_before = layer.structure
+    set_update({"l": layer}, 0.3, opt, generator=torch.Generator().manual_seed(1))
+    assert layer.structure is not s_before and layer.structure.cache_nbytes() == 0
+    wd = layer.dense_weight().requires_grad_()
+    opt.zero_grad(set_to_none=True)
+    (layer(x) * dy).sum().backward()
+    (F.linear(x, wd) * dy).sum().backward()
+    torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * layer.mask(), rtol=1e-4, atol=1e-4)
+    # a checkpoint of the earlier layout (int32 col plus the transposed structure) still loads
+    s = layer.structure
+    legacy = {"values": layer.values.detach().clone(), "crow": s.crow.clone(), "col": s.col.to(torch.int32),
+              "t_crow": s.t_crow.clone(), "t_col": s.t_col.clone(), "perm": s.perm.clone()}
+    fresh = SparseTrainLinear(w, mask, None, kernels=backend)
+    fresh.load_state_dict(legacy)
+    assert fresh.col.dtype == torch.int16
+    torch.testing.assert_close(fresh.dense_weight(), layer.dense_weight())
+    torch.testing.assert_close(fresh(x), layer(x))

@@ -1,44 +1,63 @@
 """Sparse-dense products for truly sparse training of ``nn.Linear`` layers (issue 14).
 
 A weight ``W`` of shape ``(out, in)`` is held as a :class:`CSRStructure` (the positions of its active
-weights, int32 indices, in row-major order) plus a 1-D value vector ``values`` of length ``nnz`` in
-that order. A :class:`SparseKernels` backend computes the three products of a training step:
+weights in row-major order: int32 row pointers ``crow`` and column indices ``col``, int16 when
+``in <= 32767``) plus a 1-D value vector ``values`` of length ``nnz`` in that order. Only ``crow`` and
+``col`` persist (module buffers, ``state_dict``): 2 bytes per active weight instead of the 12 the
+previous layout kept (``col``, ``t_col``, ``perm`` as int32), so parameters + gradient + momentum +
+indices come to about 14 bytes per active weight against 12 per weight for a dense layer (1.2 x
+density x dense, ``results/bench/sparse_train.txt``). A :class:`SparseKernels` backend computes the
+three products of a training step:
 
-* forward   ``y  = x W^T``            ``(B, in)  -> (B, out)``   sparse-dense (SpMM)
-* input grad ``dx = dy W``             ``(B, out) -> (B, in)``    sparse-dense with the transposed structure
+* forward    ``y  = x W^T``   ``(B, in)  -> (B, out)``   sparse-dense (SpMM)
+* input grad ``dx = dy W``    ``(B, out) -> (B, in)``
 * weight grad ``dW[i, j] = sum_b dy[b, i] x[b, j]`` only at the active ``(i, j)``: a sampled
   dense-dense product (SDDMM), returned as a ``(nnz,)`` vector in the order of ``values``.
 
 No dense ``(out, in)`` tensor is formed. Backends are registered in :data:`KERNELS` (config name ->
-class, with a ``description`` metadata entry); :data:`DEFAULT_KERNELS` is the fastest correct one
-measured in ``scripts/bench_sparse_train.py`` (``results/bench/sparse_train.txt``).
+class, metadata ``description`` and ``available``, a function saying whether the backend can run
+here); :func:`get_kernels` resolves ``"auto"`` (:data:`DEFAULT_KERNELS`) to the first available name of
+:data:`AUTO_ORDER`. Backends:
 
-``torch_csr`` (the default): torch CSR tensors, ``torch.sparse.mm`` (MKL sparse BLAS on CPU,
-cuSPARSE on CUDA) and ``torch.sparse.sampled_addmm``. ``dy W`` runs as ``(W^T) dy^T`` on a cached
-CSR copy of the transposed structure (``t_crow``, ``t_col``) whose values are gathered from
-``values`` by ``perm`` each step: torch's products of a transposed (CSC) or right-hand sparse
-operand are 10-20x slower on CPU (measured: 4096 x 4096 at 1%, batch 100, one thread: 1.9 ms with
-the cached transpose, 25 ms through CSC, 35 ms as ``dense @ csr``), and rebuilding the transpose
-every step costs more than the three products together. Outputs are returned as transposed views of
-the ``(out, B)`` product (no copy): element-wise layers keep that layout, so the next layer's
-``x.t()`` is contiguous again and MKL copies nothing (fc5 at 1%, batch 100: 3.3 ms a step instead of
-17 ms with contiguous outputs). ``chunk`` optionally splits large batches (off by default: with
-transposed activations a chunk is a strided slice and the copy it needs ate the cache gain measured
-on contiguous inputs). ``sparseprop`` and ``sparselab`` are measured in the benchmark only; none of them,
-and no kernel of our own, is a dependency of the package.
+``torch_csr`` (always available; the fallback): torch CSR tensors, ``torch.sparse.mm`` (MKL sparse
+BLAS on CPU, cuSPARSE on CUDA) and ``torch.sparse.sampled_addmm``. ``dy W`` runs as ``(W^T) dy^T`` on a
+CSR copy of the transposed structure (:meth:`CSRStructure.transposed`, built on first use and cached
+on the structure object, not saved; rebuilt after a topology update) whose values are gathered from
+``values`` each step: torch's products of a transposed (CSC) or right-hand sparse operand are 10-20x
+slower on CPU (4096 x 4096 at 1%, batch 100, one thread: 1.9 ms with the cached transpose, 25 ms
+through CSC, 14-35 ms as ``dense @ csr``), and rebuilding the transpose every step (a stable sort of
+``col``, 2.7 ms there) costs as much as the three products. The cache holds 8-10 bytes per active
+weight (``t_col`` + ``perm`` int32), which is why this backend misses the 1.3 x density x dense
+memory target (about 1.9x). Outputs are returned as transposed views of the ``(out, B)`` product (no
+copy): element-wise layers keep that layout, so the next layer's ``x.t()`` is contiguous again and
+MKL copies nothing (fc5 at 1%, batch 100: 3.3 ms a step instead of 17 ms with contiguous outputs).
+
+``sparseprop`` (optional: PyPI ``sparseprop`` 0.1.14, IST-DASLab, Nikdan et al. 2023,
+``pip install --no-build-isolation sparseprop==0.1.14``; first in :data:`AUTO_ORDER` when importable):
+forward and the weight-only gradient as ``torch_csr``; the input and weight gradients together by
+sparseprop's fused CSR kernel ``sparse_linear_vectorized_backward`` (AVX2 + OpenMP; it scatters
+``dy[:, i] W[i, j]`` into ``dx[:, j]`` row by row of ``W``), which needs no transposed structure: the
+memory target holds. On ``(in, B)`` feature-major activations, i.e. the transposed views above, it
+copies nothing. CPU float32 only; other devices / dtypes run the ``torch_csr`` products.
+
+A small compiled kernel of our own (AVX-512, register-blocked over the batch, transpose-free) was
+measured against these on this machine (2 shared cores): 1.0-1.5x the best library per product,
+slower at batch 1024, so it is not kept (issue 14: our own kernel only where >= 1.5x faster).
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from sparsebench.core.registry import Registry
 
 KERNELS: Registry = Registry("trainer.sparse_backend")
-DEFAULT_KERNELS = "torch_csr"
+DEFAULT_KERNELS = "auto"
+AUTO_ORDER = ("sparseprop", "torch_csr")  # "auto" takes the first available (transpose-free first)
+INT16_MAX_IN = 32767  # col is int16 while every column index fits
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
@@ -47,30 +66,45 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Tup
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-@dataclass
-class CSRStructure:
-    """Positions of the active weights of an ``(out, in)`` weight, both orientations.
+def col_dtype(in_features: int) -> torch.dtype:
+    """Dtype of the column indices of a weight with ``in_features`` columns: int16 up to 32767, else int32."""
+    return torch.int16 if in_features <= INT16_MAX_IN else torch.int32
 
-    Attributes:
+
+class CSRStructure:
+    """Positions of the active weights of an ``(out, in)`` weight (CSR, row-major value order).
+
+    Args:
         shape: ``(out, in)``.
-        crow: ``(out + 1,)`` int32 row pointers of ``W``.
-        col: ``(nnz,)`` int32 column (input) index of every active weight, row-major order; the order of
-            the layer's ``values``.
-        t_crow: ``(in + 1,)`` int32 row pointers of ``W^T``.
-        t_col: ``(nnz,)`` int32 row (output) index of every active weight in column-major order.
-        perm: ``(nnz,)`` int32: ``values[perm]`` are the values of ``W^T`` in CSR order.
+        crow: ``(out + 1,)`` int32 row pointers.
+        col: ``(nnz,)`` column (input) index of every active weight in row-major order (the order of the
+            layer's ``values``); int16 when ``in <= 32767`` (:func:`col_dtype`), else int32.
+        t_crow, t_col, perm: optional precomputed transposed structure (see :meth:`transposed`);
+            computed on first use when omitted.
+
+    The transposed structure is a cache of this object (not persistent state): build a new
+    ``CSRStructure`` when ``crow`` / ``col`` change; :meth:`backed_by` says whether this one still
+    describes given tensors.
     """
 
-    shape: Tuple[int, int]
-    crow: torch.Tensor
-    col: torch.Tensor
-    t_crow: torch.Tensor
-    t_col: torch.Tensor
-    perm: torch.Tensor
+    def __init__(self, shape: Tuple[int, int], crow: torch.Tensor, col: torch.Tensor,
+                 t_crow: Optional[torch.Tensor] = None, t_col: Optional[torch.Tensor] = None,
+                 perm: Optional[torch.Tensor] = None):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.crow, self.col = crow, col
+        self._versions = (crow._version, col._version)
+        self._t = (t_crow, t_col, perm) if t_crow is not None and t_col is not None and perm is not None else None
+
+    def __repr__(self) -> str:
+        return f"CSRStructure(shape={self.shape}, nnz={self.nnz}, col={self.col.dtype})"
 
     @property
     def nnz(self) -> int:
         return int(self.col.numel())
+
+    def backed_by(self, crow: torch.Tensor, col: torch.Tensor) -> bool:
+        """True when ``crow`` / ``col`` are this structure's tensors and unchanged since it was built."""
+        return crow is self.crow and col is self.col and (crow._version, col._version) == self._versions
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, shape: Tuple[int, int]) -> "CSRStructure":
@@ -87,15 +121,12 @@ class CSRStructure:
             raise ValueError(f"positions out of range for a weight of shape {(out, inp)}")
         if flat.numel() > 1 and bool((flat[1:] == flat[:-1]).any()):
             raise ValueError("duplicate positions in a sparse structure")
+        if flat.numel() >= 2 ** 31:
+            raise ValueError(f"{flat.numel()} active weights: int32 row pointers hold at most 2**31 - 1")
         rows, cols = flat // inp, flat % inp
-        dev = flat.device
-        crow = torch.zeros(out + 1, dtype=torch.int64, device=dev)
+        crow = torch.zeros(out + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
-        perm = torch.argsort(cols * out + rows)  # column-major order of the same positions
-        t_crow = torch.zeros(inp + 1, dtype=torch.int64, device=dev)
-        t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=inp), 0)
-        i32 = torch.int32
-        return cls((out, inp), crow.to(i32), cols.to(i32), t_crow.to(i32), rows[perm].to(i32), perm.to(i32))
+        return cls((out, inp), crow.to(torch.int32), cols.to(col_dtype(inp)))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "CSRStructure":
@@ -104,11 +135,14 @@ class CSRStructure:
             raise ValueError(f"mask must be 2-D (out, in), got shape {tuple(mask.shape)}")
         return cls.from_flat(torch.nonzero(mask.reshape(-1)).reshape(-1), tuple(mask.shape))
 
+    def rows(self) -> torch.Tensor:
+        """``(nnz,)`` int64 row (output) index of every active weight, in value order."""
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.col.device),
+                                       (self.crow[1:] - self.crow[:-1]).to(torch.int64))
+
     def flat(self) -> torch.Tensor:
         """``(nnz,)`` int64 row-major positions ``row * in + col`` in value order."""
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.col.device),
-                                       (self.crow[1:] - self.crow[:-1]).to(torch.int64))
-        return rows * self.shape[1] + self.col.to(torch.int64)
+        return self.rows() * self.shape[1] + self.col.to(torch.int64)
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
         """The ``(out, in)`` dense weight (zeros at inactive positions); for tests and export."""
@@ -116,16 +150,53 @@ class CSRStructure:
         w[self.flat()] = values
         return w.view(self.shape)
 
+    def col32(self) -> torch.Tensor:
+        """``col`` as int32 (what torch CSR tensors and sparseprop take): a cast per call (0.02 ms for
+        168k indices), so no second copy of the indices persists."""
+        return self.col if self.col.dtype == torch.int32 else self.col.to(torch.int32)
+
+    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t_crow, t_col, perm)``, int32: the CSR structure of ``W^T`` (``(in + 1,)`` row pointers,
+        ``(nnz,)`` output index of every active weight in column-major order) and ``values[perm]`` = the
+        values of ``W^T`` in its CSR order. Built on first call (a stable sort of ``col``), then cached."""
+        if self._t is None:
+            cols = self.col.to(torch.int64)
+            perm = torch.sort(cols, stable=True).indices  # column-major; rows ascending inside a column
+            t_crow = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=cols.device)
+            t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=self.shape[1]), 0)
+            i32 = torch.int32
+            self._t = (t_crow.to(i32), self.rows()[perm].to(i32), perm.to(i32))
+        return self._t
+
+    @property
+    def t_crow(self) -> torch.Tensor:
+        return self.transposed()[0]
+
+    @property
+    def t_col(self) -> torch.Tensor:
+        return self.transposed()[1]
+
+    @property
+    def perm(self) -> torch.Tensor:
+        return self.transposed()[2]
+
     def nbytes(self) -> int:
-        """Bytes of the index tensors (both orientations)."""
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.t_crow, self.t_col, self.perm))
+        """Bytes of the persistent index tensors (``crow``, ``col``)."""
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col))
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the cached transposed structure (0 until a backend built it)."""
+        return 0 if self._t is None else sum(t.numel() * t.element_size() for t in self._t)
 
 
 class SparseKernels:
     """Interface of a product backend; all inputs are 2-D and ``values`` is ``(nnz,)``.
 
-    Subclasses implement :meth:`spmm` (``x W^T``), :meth:`spmm_t` (``dy W``) and :meth:`sddmm`.
+    Subclasses implement :meth:`spmm` (``x W^T``), :meth:`spmm_t` (``dy W``) and :meth:`sddmm`; a backend
+    with a fused backward overrides :meth:`backward`.
     """
+
+    name = "?"
 
     def spmm(self, s: CSRStructure, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``(B, in) -> (B, out)``: ``x W^T``."""
@@ -139,18 +210,33 @@ class SparseKernels:
         """``(nnz,)``: ``(dy^T x)`` at the active positions, in value order."""
         raise NotImplementedError
 
+    def backward(self, s: CSRStructure, values: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
+                 need_dx: bool, need_dv: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(dx, dv)`` of ``y = x W^T`` given ``dy``; None for a gradient not asked for."""
+        dx = self.spmm_t(s, values, dy) if need_dx else None
+        dv = self.sddmm(s, dy, x) if need_dv else None
+        return dx, dv
 
-@KERNELS.register("torch_csr", description="torch CSR: sparse.mm (MKL / cuSPARSE) + sparse.sampled_addmm, "
-                                           "cached transposed structure")
+
+def _always() -> bool:
+    return True
+
+
+@KERNELS.register("torch_csr", available=_always,
+                  description="torch CSR: sparse.mm (MKL / cuSPARSE) + sparse.sampled_addmm, cached transposed "
+                              "structure (about 1.9 x density x dense memory)")
 class TorchCSRKernels(SparseKernels):
     """torch CSR backend (see the module docstring).
 
     Args:
-        chunk: batch rows per product call (``>= 1``) or None (one call per product).
+        chunk: batch rows per product call (``>= 1``) or None (one call per product; the default: with
+            transposed activations a chunk is a strided slice and the copy it needs ate the cache gain).
 
     Raises:
         ValueError: ``chunk < 1``.
     """
+
+    name = "torch_csr"
 
     def __init__(self, chunk: Optional[int] = None):
         if chunk is not None and chunk < 1:
@@ -167,22 +253,78 @@ class TorchCSRKernels(SparseKernels):
         return y
 
     def spmm(self, s, values, x):
-        return self._apply(_csr(s.crow, s.col, values, s.shape), x, s.shape[0])
+        return self._apply(_csr(s.crow, s.col32(), values, s.shape), x, s.shape[0])
 
     def spmm_t(self, s, values, dy):
-        wt = _csr(s.t_crow, s.t_col, values[s.perm], (s.shape[1], s.shape[0]))
+        t_crow, t_col, perm = s.transposed()
+        wt = _csr(t_crow, t_col, values.index_select(0, perm), (s.shape[1], s.shape[0]))
         return self._apply(wt, dy, s.shape[1])
 
     def sddmm(self, s, dy, x):
-        pattern = _csr(s.crow, s.col, torch.zeros(s.nnz, dtype=x.dtype, device=x.device), s.shape)
-        b = x.shape[0]
+        pattern = _csr(s.crow, s.col32(), torch.zeros(s.nnz, dtype=x.dtype, device=x.device), s.shape)
         acc = pattern
-        for k in range(0, b, self.chunk):
+        for k in range(0, x.shape[0], self.chunk):
             acc = torch.sparse.sampled_addmm(acc, dy[k:k + self.chunk].t(), x[k:k + self.chunk],
                                              beta=1.0, alpha=1.0)
         return acc.values()
 
 
+def _sparseprop_available() -> bool:
+    return importlib.util.find_spec("sparseprop") is not None
+
+
+@KERNELS.register("sparseprop", available=_sparseprop_available,
+                  description="torch CSR forward + sparseprop's fused transpose-free CSR backward (optional "
+                              "extra, CPU float32)")
+class SparsePropKernels(TorchCSRKernels):
+    """``torch_csr`` products, except ``(dx, dv)`` together by sparseprop's fused CSR backward (module
+    docstring). Tensors off the CPU or not float32 take the ``torch_csr`` path.
+
+    Raises:
+        ImportError: sparseprop is not installed (``pip install --no-build-isolation sparseprop==0.1.14``).
+    """
+
+    name = "sparseprop"
+
+    def __init__(self):
+        super().__init__()
+        from sparseprop import backend  # its compiled module (AVX2, OpenMP)
+
+        self._fused: Callable = backend.sparse_linear_vectorized_backward
+
+    def backward(self, s, values, x, dy, need_dx, need_dv):
+        cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (values, x, dy))
+        if not (need_dx and cpu32):
+            return super().backward(s, values, x, dy, need_dx, need_dv)
+        x_t, dy_t = x.t().contiguous(), dy.t().contiguous()  # (in, B), (out, B): views when feature-major
+        dx_t = torch.zeros(s.shape[1], x.shape[0], dtype=x.dtype)
+        dv = torch.empty(s.nnz, dtype=x.dtype)
+        self._fused(x_t.detach(), s.crow, s.col32(), values.detach(), dy_t.detach(), dx_t, dv)
+        return dx_t.t(), (dv if need_dv else None)
+
+
+def available_kernels() -> Tuple[str, ...]:
+    """Names of the registered backends that can run here."""
+    return tuple(n for n in KERNELS.names() if KERNELS.meta(n)["available"]())
+
+
+def resolve_kernels(name: str = DEFAULT_KERNELS) -> str:
+    """``name``, or for ``"auto"`` the first available name of :data:`AUTO_ORDER` (``torch_csr`` always is).
+
+    Raises:
+        ConfigError: unknown name (listing the registered ones).
+    """
+    if name == "auto":
+        return next(n for n in AUTO_ORDER if KERNELS.meta(n)["available"]())
+    KERNELS.get(name)
+    return name
+
+
 def get_kernels(name: str = DEFAULT_KERNELS) -> SparseKernels:
-    """The backend registered as ``name`` (ConfigError listing the names when unknown)."""
-    return KERNELS.get(name)()
+    """A backend instance: ``name`` in :data:`KERNELS` or ``"auto"`` (:func:`resolve_kernels`).
+
+    Raises:
+        ConfigError: unknown name, listing the names.
+        ImportError: the backend's optional package is missing.
+    """
+    return KERNELS.get(resolve_kernels(name))()
