@@ -6,7 +6,8 @@ same batch permutation (seeded generator) and takes the ``rank::world`` shard of
 the averaged gradient equals the single-process one. Masks stay identical on all ranks: pruning from
 magnitudes of identical weights is deterministic, and whenever a mask changes during training (dynamic
 sparse updates, whose inputs are rank-local activations) rank 0's masks, masked weights and their
-optimizer state are broadcast (:func:`sync_from_rank0`). Only rank 0 writes files.
+optimizer state are broadcast (:func:`sync_from_rank0`); under ``trainer.sparse_kernels=true`` also the
+sparse layers' CSR structures, values and value optimizer state. Only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -41,14 +42,40 @@ def init_from_env(device: torch.device) -> torch.device:
     return device
 
 
+def _broadcast(t: torch.Tensor) -> None:
+    """In-place broadcast from rank 0; dtypes NCCL lacks (int16, bool) travel as their bytes."""
+    if t.dtype in (torch.int16, torch.bool) and t.is_contiguous():
+        t = t.view(torch.uint8)
+    dist.broadcast(t, 0)
+
+
+def _broadcast_state(optimizer, param) -> None:
+    for v in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            _broadcast(v)
+
+
 @torch.no_grad()
-def sync_from_rank0(masking, optimizer) -> None:
-    """Broadcast masks, masked weights and their per-parameter optimizer state from rank 0."""
-    if world_size() <= 1 or masking is None:
+def sync_from_rank0(masking, optimizer, sparse=None) -> None:
+    """Broadcast rank 0's topology: masks, masked weights and their per-parameter optimizer state, and
+    for the truly sparse layers of ``sparse`` (a
+    :class:`~sparsebench.sparsity.sparse_linear.SparseConversion`, ``trainer.sparse_kernels=true``)
+    every structure buffer (CSR indices), the ``values`` and their optimizer state (momentum, Adam
+    moments). ``nnz`` is the same on every rank (exact per-layer counts), so every tensor keeps its
+    shape and is overwritten in place; the layer is then told its structure changed
+    (:meth:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear.structure_written`). Biases need
+    nothing: DDP keeps parameters identical through the all-reduced gradients."""
+    if world_size() <= 1:
         return
-    for name, w, m in masking.items():
-        dist.broadcast(m, 0)
-        dist.broadcast(w.data, 0)
-        for v in optimizer.state.get(w, {}).values():
-            if torch.is_tensor(v) and v.dim() > 0:
-                dist.broadcast(v, 0)
+    if masking is not None:
+        for name, w, m in masking.items():
+            _broadcast(m)
+            _broadcast(w.data)
+            _broadcast_state(optimizer, w)
+    if sparse is not None:
+        for layer in sparse.sparse.values():
+            for b in layer.buffers(recurse=False):
+                _broadcast(b)
+            _broadcast(layer.values.data)
+            _broadcast_state(optimizer, layer.values)
+            layer.structure_written()

@@ -3,8 +3,9 @@
 :class:`ActivationCapture` keeps, for one training step, each watched layer's input ``x`` and the
 gradient of its output ``dL/dz`` (forward hook plus tensor hook; armed only for update steps).
 :func:`layer_vectors` turns them into the vectors whose inner products are ``dL/dW``:
-``U`` ``(R, n_in)`` and ``G`` ``(R, n_out)`` with ``G^T U == dL/dW`` (Linear: ``R = B``; Conv2d: the
-input is unfolded, ``R = B * H_out * W_out``).
+``U`` ``(R, n_in)`` and ``G`` ``(R, n_out)`` with ``G^T U == dL/dW`` (Linear and sparse Linear: ``R = B``;
+Conv2d: the input is unfolded, ``R = B * H_out * W_out``). The hooks work on any module, so a truly sparse
+layer is captured like a dense one (its grow criteria never see a dense gradient).
 """
 from __future__ import annotations
 
@@ -15,20 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.core.errors import ConfigError
+from sparsebench.sparsity.sparse_linear import SparseTrainLinear
 
 
 def layer_vectors(module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-batch vectors of a layer: inputs ``U`` ``(R, n_in)`` and output gradients ``G`` ``(R, n_out)``
     with ``G.T @ U == dL/dW`` reshaped to ``(n_out, n_in)`` (the weight's ``view(n_out, -1)``).
 
-    Linear: ``R = B`` (leading dims flattened). Conv2d: the input is unfolded with the layer's
+    Linear (and the truly sparse :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear`, whose
+    ``(out, in)`` weight exists only at its active positions): ``R = B`` (leading dims flattened). Conv2d: the input is unfolded with the layer's
     kernel size, dilation, padding and stride, ``R = B * H_out * W_out`` and
     ``n_in = C_in * kh * kw`` in the weight's ``(c, kh, kw)`` order.
 
     Raises:
         ConfigError: a grouped or non-2-D convolution (not supported by the unfold path).
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, SparseTrainLinear)):
         return x.reshape(-1, x.shape[-1]), gout.reshape(-1, gout.shape[-1])
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or isinstance(module.padding, str):

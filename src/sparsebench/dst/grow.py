@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,26 +42,118 @@ from sparsebench.sparsity.masking import Masking
 GROW_CRITERIA: Registry = Registry("method.grow")
 
 
-@dataclass
 class LayerUpdate:
-    """What a grow criterion sees for one layer.
+    """What a grow criterion sees for one layer (built by the layer's
+    :class:`~sparsebench.dst.updater.TopologyLayer` adapter).
 
     Attributes:
-        name, module, weight: the prunable weight (``weight`` shape ``(n_out, ...)``).
-        mask_flat: the layer's mask, flat ``(numel,)``; ``== 0`` marks the growable positions (with
-            ``allow_regrow`` the ones dropped in this update are already 0).
+        name, module: the prunable weight's name and its module (an ``nn.Linear`` / ``nn.Conv*`` behind a
+            mask, or a :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear`).
+        weight: the dense weight (shape ``(n_out, ...)``), or None for a truly sparse layer.
         n: how many positions to grow.
-        x, grad_out: the layer's captured input and output gradient of the update step (only for a
-            criterion with ``needs_activations``; None when nothing was captured).
+        x, grad_out: the layer's captured input and output gradient of the update step (for a criterion
+            with ``needs_activations``, and for ``needs_gradients`` on a sparse layer; None when nothing
+            was captured).
+        shape: ``(n_out, n_in)``, the weight's ``view(n_out, -1)`` shape.
+        excluded: sparse layers only: ``(m,)`` sorted flat positions that may not be grown (the active
+            ones; with ``allow_regrow`` minus those dropped in this update); None for a masked layer.
+
+    :attr:`mask_flat` is the ``(numel,)`` mask, ``== 0`` marks the growable positions (with
+    ``allow_regrow`` the ones dropped in this update are already 0). A masked layer passes its mask
+    buffer; for a sparse layer it is built from ``excluded`` on first access (``numel`` bytes, uint8, for
+    this update only): criteria that only need row blocks use :meth:`excluded_in_rows` instead.
     """
 
-    name: str
-    module: nn.Module
-    weight: nn.Parameter
-    mask_flat: torch.Tensor
-    n: int
-    x: Optional[torch.Tensor] = None
-    grad_out: Optional[torch.Tensor] = None
+    def __init__(self, name: str, module: nn.Module, weight: Optional[torch.Tensor], mask_flat: Optional[torch.Tensor],
+                 n: int, x: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+                 shape: Optional[Tuple[int, int]] = None, excluded: Optional[torch.Tensor] = None):
+        if mask_flat is None and (excluded is None or shape is None):
+            raise ValueError("LayerUpdate: give mask_flat, or shape and excluded")
+        self.name, self.module, self.weight, self.n, self.x, self.grad_out = name, module, weight, int(n), x, grad_out
+        if shape is None:
+            shape = (int(weight.shape[0]), int(weight[0].numel()))
+        self.shape, self.excluded, self._mask = (int(shape[0]), int(shape[1])), excluded, mask_flat
+
+    @property
+    def is_sparse(self) -> bool:
+        """The layer has no dense weight (a truly sparse layer)."""
+        return self.weight is None
+
+    @property
+    def mask_flat(self) -> torch.Tensor:
+        if self._mask is None:
+            m = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.uint8, device=self.excluded.device)
+            m[self.excluded] = 1
+            self._mask = m
+        return self._mask
+
+    def excluded_in_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Non-growable positions of rows ``[r0, r1)``, as flat indices into that row block (long)."""
+        n_in = self.shape[1]
+        if self.excluded is not None:
+            ex = self.excluded
+            lo, hi = (int(v) for v in torch.searchsorted(ex, torch.tensor([r0 * n_in, r1 * n_in], device=ex.device)))
+            return ex[lo:hi] - r0 * n_in
+        return self._mask[r0 * n_in:r1 * n_in].nonzero().squeeze(1)
+
+
+def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpdate, n: int,
+                 block_elements: int = 1 << 22) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``n`` growable entries of an ``(n_out, n_in)`` score matrix computed a block of rows at
+    a time, so at most ``block_elements`` scores exist at once (bounded peak memory).
+
+    Args:
+        score_rows: ``(r0, r1) -> (r1 - r0, n_in)`` float scores of rows ``[r0, r1)`` (may be written to).
+        layer: gives the shape and the non-growable positions (:meth:`LayerUpdate.excluded_in_rows`).
+        n: how many entries.
+        block_elements: scores per block (rows per block: ``max(1, block_elements // n_in)``).
+
+    Returns:
+        ``(values, flat)``: the ``min(n, growable)`` largest scores and their flat positions
+        ``row * n_in + col`` (a set, no order): the same set as ``torch.topk`` over the full masked
+        matrix up to ties (the top-n of a union is the top-n of the blocks' top-n).
+    """
+    n_out, n_in = layer.shape
+    rows = max(1, int(block_elements) // max(1, n_in))
+    best_v = best_f = None
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        s = score_rows(r0, r1).reshape(-1)
+        s[layer.excluded_in_rows(r0, r1).to(s.device)] = _NEG_INF
+        v, i = torch.topk(s, min(n, s.numel()), sorted=False)
+        f = i + r0 * n_in
+        if best_v is not None:
+            v, f = torch.cat([best_v, v]), torch.cat([best_f, f])
+            if v.numel() > n:
+                v, k = torch.topk(v, n, sorted=False)
+                f = f[k]
+        best_v, best_f = v, f
+    ok = best_v > _NEG_INF
+    return best_v[ok], best_f[ok]
+
+
+def read_gradients(masking: Masking, names: Sequence[str], buffers: Dict[str, torch.Tensor],
+                   write: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
+    """For each named masked weight, ``write(grad, out)`` its dense ``weight.grad`` (read in
+    ``on_after_backward``) into the layer's reused buffer ``buffers[name]`` (allocated on first use); a
+    layer without a gradient loses its buffer (its growth is then a random fill, not a stale score)."""
+    for name in names:
+        g = masking.weight(name).grad
+        if g is None:
+            buffers.pop(name, None)
+            continue
+        buf = buffers.get(name)
+        if buf is None or buf.shape != g.shape:
+            buf = buffers[name] = torch.empty_like(g)
+        write(g, buf)
+
+
+def gradient_rows(layer: LayerUpdate) -> Callable[[int, int], torch.Tensor]:
+    """``(r0, r1) -> |dL/dW|`` of rows ``[r0, r1)``, ``|G[:, r0:r1]^T U|`` from the layer's captured
+    vectors (:func:`~sparsebench.dst.capture.layer_vectors`): the dense gradient one row block at a time."""
+    U, G = layer_vectors(layer.module, layer.x, layer.grad_out)
+    U, G = U.float(), G.float()
+    return lambda r0, r1: (G[:, r0:r1].t() @ U).abs_()
 
 
 class GrowCriterion:
@@ -144,26 +235,36 @@ class GradientGrow(GrowCriterion):
     ``|g|`` into one reused score buffer per layer; the base class's selection skips the positions the
     mask marks active at update time, so with ``allow_regrow`` the ones dropped in the same update
     compete again. A layer no gradient reached is filled at random.
+
+    A truly sparse layer (``trainer.sparse_kernels=true``) has no dense gradient: the updater captures
+    its input ``x`` and output gradient ``dL/dz`` at update steps only, and :meth:`grow` computes
+    ``|dL/dW| = |dz^T x|`` a block of rows at a time (:func:`blocked_topn`: at most ``block_elements``
+    float scores at once, exact top-n), never the whole ``(n_out, n_in)`` matrix.
+
+    Args:
+        block_elements: scores per row block on sparse layers (default 4M: 16 MB of float32).
     """
 
     needs_gradients = True
 
-    def __init__(self, generator):
+    def __init__(self, generator, block_elements: int = 1 << 22):
         super().__init__(generator)
+        self.block_elements = int(block_elements)
         self._scores: Dict[str, torch.Tensor] = {}
 
     def prepare(self, masking, names):
-        for name in names:
-            g = masking.weight(name).grad
-            if g is None:
-                continue
-            buf = self._scores.get(name)
-            if buf is None or buf.shape != g.shape:
-                buf = self._scores[name] = torch.empty_like(g)
-            torch.abs(g, out=buf)
+        read_gradients(masking, names, self._scores, lambda g, out: torch.abs(g, out=out))
 
     def scores(self, layer):
         return self._scores.get(layer.name)
+
+    def grow(self, layer):
+        if not layer.is_sparse:
+            return super().grow(layer)
+        if layer.x is None or layer.grad_out is None:
+            return self.random_fill(layer, layer.n)
+        _, chosen = blocked_topn(gradient_rows(layer), layer, layer.n, self.block_elements)
+        return chosen
 
 
 @GROW_CRITERIA.register("similarity")
@@ -190,7 +291,19 @@ class SimilarityGrow(GrowCriterion):
     (autograd's backward of a Linear layer computes ``G^T U``; of a Conv2d, the same sum over the
     unfolded patches). So this configuration reads the dense ``weight.grad`` like ``gradient`` (no
     capture, no unfold, no second matmul) and returns the same set as scoring captured vectors
-    (tested on a Linear and a Conv2d); its recall is 1 by construction.
+    (tested on a Linear and a Conv2d); its recall is 1 by construction. Likewise ``search=faiss`` with
+    ``abs_ip`` (no ``rerank``, no ``max_rows``; :meth:`Search.answers_from_scores`) searches its score
+    matrix ``S = G^T U``, which is the signed ``weight.grad``: on masked-dense layers :meth:`prepare`
+    copies the gradient into a reused buffer and :meth:`grow` calls ``search.find_scores`` (no capture,
+    no unfold, no product; the same set as searching the captured vectors up to float rounding).
+
+    On a truly sparse layer (``trainer.sparse_kernels=true``) the vectors are captured by hooks on the
+    :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear` at update steps; no dense gradient
+    exists, the recall's reference is computed in row blocks, and the exact configuration above
+    becomes RigL's row-blocked gradient (:class:`GradientGrow`). What the search itself allocates is
+    the search's (:mod:`sparsebench.dst.search`): ``brute`` and ``faiss`` with a flat-index metric
+    (``abs_ip``, ``l2``; one matrix product standing in for the index) form an ``(n_out, n_in)`` score
+    matrix for the update; ``search=faiss_index`` and ``metric=lsh`` query the faiss index and do not.
     """
 
     needs_activations = True
@@ -203,10 +316,16 @@ class SimilarityGrow(GrowCriterion):
         self.search = SEARCHES.get(search)(self.metric, k_similar, rerank)
         self.max_rows, self.log_recall = max_rows, bool(log_recall)
         self.from_gradient = self.search.exact and self.metric.is_weight_gradient and max_rows is None
+        # faiss search of abs_ip answered from its score matrix S = G^T U, which is the signed weight.grad
+        self.from_scores = (not self.from_gradient and self.metric.is_weight_gradient and max_rows is None
+                            and self.search.answers_from_scores())
         self._exact: Optional[GradientGrow] = None
+        self._grads: Dict[str, torch.Tensor] = {}  # from_scores: per layer, the signed dense gradient (reused)
         if self.from_gradient:  # exact |G^T U| == |weight.grad| (see the class docstring)
             self.needs_activations, self.needs_gradients = False, True
             self._exact = GradientGrow(generator)
+        elif self.from_scores:
+            self.needs_activations, self.needs_gradients = False, True
 
     @classmethod
     def from_config(cls, cfg, generator):
@@ -216,6 +335,8 @@ class SimilarityGrow(GrowCriterion):
     def prepare(self, masking, names):
         if self._exact is not None:
             self._exact.prepare(masking, names)
+        elif self.from_scores:  # masked-dense layers only: a sparse layer has no dense gradient (it is captured)
+            read_gradients(masking, names, self._grads, lambda g, out: out.copy_(g))
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -237,9 +358,16 @@ class SimilarityGrow(GrowCriterion):
                 self.count("recall_hits", layer.n - (self.stats.get("random_fill", 0) - filled))
                 self.count("recall_n", layer.n)
             return chosen
-        if layer.x is None or layer.grad_out is None:
-            return self.random_fill(layer, layer.n)
         with torch.no_grad():
+            if self.from_scores and not layer.is_sparse:  # the search from S = weight.grad: no vectors, no product
+                g = self._grads.get(layer.name)
+                if g is None:
+                    return self.random_fill(layer, layer.n)
+                S = g.view(g.shape[0], -1)
+                chosen = self.search.find_scores(layer.name, S, layer.mask_flat, layer.n)
+                return self._complete(layer, chosen, lambda: S.abs())  # the reference |G^T U| = |dL/dW|
+            if layer.x is None or layer.grad_out is None:
+                return self.random_fill(layer, layer.n)
             U, G = layer_vectors(layer.module, layer.x, layer.grad_out)
             U, G = U.float(), G.float()
             Us, Gs = U, G
@@ -247,14 +375,42 @@ class SimilarityGrow(GrowCriterion):
                 rows = torch.randperm(U.shape[0], generator=self.generator)[:self.max_rows].to(U.device)
                 Us, Gs = U[rows], G[rows]
             chosen = self.search.find(layer.name, Gs, Us, layer.mask_flat, layer.n)
-            short = layer.n - chosen.numel()
-            if short > 0:
-                chosen = torch.cat([chosen, self.random_fill(layer, short, exclude=chosen)])
-            if self.log_recall:
-                t = time.perf_counter()
-                ref = self.metric.reference(G, U).reshape(-1).masked_fill_(layer.mask_flat != 0, _NEG_INF)
+            return self._complete(layer, chosen, lambda: self.metric.reference(G, U), G, U)
+
+    def _complete(self, layer: LayerUpdate, chosen: torch.Tensor, reference: Callable[[], torch.Tensor],
+                  G: Optional[torch.Tensor] = None, U: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fill a shortfall of the search at random; with ``log_recall`` count how many of ``chosen`` are
+        in the exact top-n of the ``reference()`` matrix (a new ``(n_out, n_in)`` tensor; on a sparse layer
+        the reference is computed from ``G``, ``U`` in row blocks instead)."""
+        short = layer.n - chosen.numel()
+        if short > 0:
+            chosen = torch.cat([chosen, self.random_fill(layer, short, exclude=chosen)])
+        if self.log_recall:
+            t = time.perf_counter()
+            if layer.is_sparse:  # no (n_out, n_in) reference on a sparse layer: row blocks
+                at, kth = self._reference_in_blocks(layer, G, U, chosen)
+            else:
+                ref = reference().reshape(-1).masked_fill_(layer.mask_flat != 0, _NEG_INF)
                 kth = torch.topk(ref, layer.n, sorted=False).values.min()
-                self.count("recall_hits", int((ref[chosen] >= kth).sum()))
-                self.count("recall_n", layer.n)
-                self.count("excluded_seconds", time.perf_counter() - t)
+                at = ref[chosen]
+            self.count("recall_hits", int((at >= kth).sum()))
+            self.count("recall_n", layer.n)
+            self.count("excluded_seconds", time.perf_counter() - t)
         return chosen
+
+    def _reference_in_blocks(self, layer: LayerUpdate, G: torch.Tensor, U: torch.Tensor,
+                             chosen: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The exact reference scores at ``chosen`` and the n-th best growable reference score, computed a
+        block of rows at a time (:func:`blocked_topn`; column ``j`` of ``G`` is row ``j`` of the weight)."""
+        n_in = layer.shape[1]
+        chosen = chosen.to(G.device)
+        at = torch.empty(chosen.numel(), dtype=torch.float32, device=G.device)
+
+        def rows(r0, r1):
+            blk = self.metric.reference(G[:, r0:r1], U).float()
+            sel = (chosen >= r0 * n_in) & (chosen < r1 * n_in)
+            at[sel] = blk.reshape(-1)[chosen[sel] - r0 * n_in]
+            return blk
+
+        vals, _ = blocked_topn(rows, layer, layer.n)
+        return at, vals.min()

@@ -14,7 +14,9 @@
 Every method returns one summary row with the final accuracies, the realised ``density``, the wall
 time (``train_seconds``, ``time_per_epoch``) and the topology-update time (``update_seconds``,
 ``update_share`` of the training time); ``dynamic_sparse`` adds ``grow`` and ``recall_mean``
-(``grow=similarity``; NaN otherwise).
+(``grow=similarity``; NaN otherwise). Under ``trainer.sparse_kernels=true`` the row also counts the layers
+trained truly sparse (``sparse_layers``; the others stayed masked-dense by density), and ``density`` /
+``layer_active`` are read from their sparse storage.
 """
 from __future__ import annotations
 
@@ -133,7 +135,8 @@ def init_random_masks(masking: Masking, density: float, distribution: str, seed:
     masking.set_masks(random_masks(masking, counts, gen))
 
 
-def _layer_active(masking: Masking) -> str:
+def _layer_active(masking) -> str:
+    """``name:active/total;...`` of a :class:`Masking` or a :class:`~sparsebench.sparsity.sparse_linear.SparseConversion`."""
     return ";".join(f"{n}:{a}/{t}" for n, (a, t) in masking.counts().items())
 
 
@@ -156,15 +159,18 @@ class SparseFromScratch(Method):
         upd = self.updater(masking, steps_per_epoch)
         trainer = ctx.trainer(model, masking, callbacks=[upd] if upd is not None else [])
         final = trainer.fit()
+        # trainer.sparse_kernels=true: the converted layers' topology lives in their sparse storage, not in `masking`
+        topology = trainer.sparse if trainer.sparse is not None else masking
         epochs = max(1, trainer.epoch)
         extra = {"updates": 0, "grown_total": 0, "update_seconds": 0.0, "recall_mean": float("nan"), "random_fill": 0}
         if upd is not None:
             extra = upd.summary()
             extra["delta_t"] = upd.delta_t
-        row = self.row(density=masking.density(), **self.identity(), **final, epochs=epochs,
+        row = self.row(density=topology.density(), **self.identity(), **final, epochs=epochs,
                        time_per_epoch=final["train_seconds"] / epochs, **extra,
                        update_share=extra["update_seconds"] / max(final["train_seconds"], 1e-12),
-                       layer_active=_layer_active(masking))
+                       layer_active=_layer_active(topology),
+                       **({"sparse_layers": len(trainer.sparse.sparse)} if trainer.sparse is not None else {}))
         return pd.DataFrame([row])
 
 

@@ -18,7 +18,8 @@ a :class:`SparseLinear` holding only the active weights in a sparse layout and c
 * ``dense``: mask applied, dense storage; ``auto``: CSR where the layer's density is at most
   ``max_density``, dense otherwise (at 50% density a CSR product is slower than the dense GEMM on CPU).
 
-Convolutions stay dense. Unsupported requests raise a one-line :class:`ConfigError`; nothing falls
+Models trained truly sparse (``trainer.sparse_kernels=true``, :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear`
+layers) export like masked ones. Convolutions stay dense. Unsupported requests raise a one-line :class:`ConfigError`; nothing falls
 back silently to another layout.
 
 Measured on the fc5 net (784-1000-1000-500-200-10), CPU (and CUDA when present): see
@@ -200,13 +201,29 @@ class SparseLinear(nn.Module):
                 + f"density={self.nnz / max(1, self.in_features * self.out_features):.4f}")
 
 
+def _masked_linear_weight(module: nn.Module) -> Optional[torch.Tensor]:
+    """The ``(out, in)`` weight with its mask applied of a masked ``nn.Linear`` (a ``weight_mask``
+    buffer) or of a truly sparse :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear`
+    (``trainer.sparse_kernels=true``: its active values scattered into a dense tensor once, for the
+    conversion to the export layout); None for any other module."""
+    from sparsebench.sparsity.sparse_linear import SparseTrainLinear
+
+    if isinstance(module, nn.Linear) and hasattr(module, "weight_mask"):
+        return (module.weight * module.weight_mask).detach()
+    if isinstance(module, SparseTrainLinear):
+        return module.dense_weight()
+    return None
+
+
 def export_sparse(model: nn.Module, layout: str = "csr", max_density: float = 0.3,
                   blocksize: Optional[Tuple[int, int]] = None) -> nn.Module:
     """A copy of ``model`` for inference (eval mode) with masked ``nn.Linear`` layers made sparse.
 
     A layer counts as masked when it has a ``weight_mask`` buffer (see :class:`~sparsebench.sparsity.masking.Masking`);
     its weight is multiplied by the mask before conversion, so the export is exact even if the weights
-    were not re-masked. Unmasked layers and convolutions are copied unchanged. The copy stays on the
+    were not re-masked. A model trained with ``trainer.sparse_kernels=true`` exports the same way: each
+    :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear` becomes a :class:`SparseLinear` of its
+    active weights (the same module a masked-dense run of the same weights exports to). Unmasked layers and convolutions are copied unchanged. The copy stays on the
     model's device and dtype (for ``semi_structured``: move the model to the GPU and to fp16/bf16 first).
 
     Args:
@@ -237,8 +254,8 @@ def export_sparse(model: nn.Module, layout: str = "csr", max_density: float = 0.
     qualified = {id(m): n for n, m in out.named_modules()}
     for parent in list(out.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and hasattr(child, "weight_mask"):
-                w = (child.weight * child.weight_mask).detach()
+            w = _masked_linear_weight(child)
+            if w is not None:
                 lay = layout
                 if layout == "auto":
                     lay = "csr" if float((w != 0).float().mean()) <= max_density else "dense"

@@ -15,14 +15,19 @@ more than masked-dense training. Convolutions always stay masked-dense (no im2co
 
 Under ``trainer.sparse_kernels=true`` the :class:`~sparsebench.training.trainer.Trainer` calls
 :func:`sparsify_for_training` before it builds the optimizer and DDP wrapper; it then attaches the
-returned ``masking`` (the masked-dense layers) and logs :meth:`SparseConversion.density`. Checkpoints
-and resume work through ``state_dict`` (values + int32 structure buffers; DDP broadcasts the buffers).
-Method callbacks are refused in that mode for now: they still act on the replaced dense layers.
+returned ``masking`` (the masked-dense layers), hands the conversion to every callback that supports
+this mode (``adopt_sparse_layers``; others are refused with a ConfigError) and logs
+:meth:`SparseConversion.density`. Checkpoints and resume work through ``state_dict`` (values + int32
+structure buffers, loaded in place); data-parallel ranks get rank 0's structures, values and value
+optimizer state from :func:`sparsebench.core.distributed.sync_from_rank0` after a topology update
+chosen from rank-local data; :func:`sparsebench.sparsity.export.export_sparse` exports these layers.
 
-Dynamic sparse training in this mode: :meth:`SparseTrainLinear.drop_grow` drops the smallest
-``|values|`` and grows new positions given by the caller; :func:`set_update` grows them uniformly at
-random among the inactive positions (SET, Mocanu et al. 2018, Nat. Commun. 9:2383). The structure is
-rebuilt, new weights and their optimizer state start at zero, the number of active weights stays exact.
+Dynamic sparse training in this mode (``method=set|rigl|faiss_grow`` or any ``method.grow``) runs the
+one generic drop/grow step of :mod:`sparsebench.dst.updater` through its
+:class:`~sparsebench.dst.updater.SparseLayer` adapter: drop = the smallest ``|values|``, grow by flat
+position, then :meth:`SparseTrainLinear.update_topology` rebuilds the structure, grown weights and
+their optimizer state start at zero and the number of active weights stays exact. :func:`set_update`
+runs one SET update of given layers through the same step (scripts, benchmarks).
 """
 from __future__ import annotations
 
@@ -32,11 +37,12 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from sparsebench.sparsity.kernels import DEFAULT_KERNELS, CSRStructure, SparseKernels, get_kernels
+from sparsebench.sparsity.kernels import DEFAULT_KERNELS, CSRStructure, SparseKernels, get_kernels, resolve_kernels
 from sparsebench.sparsity.masking import Masking
 
 DEFAULT_MAX_DENSITY = 0.15  # above this a layer stays masked-dense (break-even measured near 0.1-0.2 on CPU)
-_BUFFERS = ("crow", "col", "t_crow", "t_col", "perm")
+_BUFFERS = ("crow", "col")  # the transposed structure is a cache of the kernels (kernels.CSRStructure.transposed)
+_LEGACY_BUFFERS = ("t_crow", "t_col", "perm")  # saved by earlier versions; derivable, dropped on load
 
 
 class _SparseLinearFn(torch.autograd.Function):
@@ -51,8 +57,7 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
-        dx = ctx.kernels.spmm_t(ctx.structure, values, dy) if ctx.needs_input_grad[0] else None
-        dv = ctx.kernels.sddmm(ctx.structure, dy, x) if ctx.needs_input_grad[1] else None
+        dx, dv = ctx.kernels.backward(ctx.structure, values, x, dy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dv, None, None
 
 
@@ -79,22 +84,42 @@ class SparseTrainLinear(nn.Module):
         if weight.shape != mask.shape or weight.dim() != 2:
             raise ValueError(f"weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must be the same 2-D shape")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        self.kernels_name = kernels
-        self.kernels: SparseKernels = get_kernels(kernels)
+        self.kernels_name = resolve_kernels(kernels)  # "auto" -> the backend it chose here
+        self.kernels: SparseKernels = get_kernels(self.kernels_name)
         s = CSRStructure.from_mask(mask.detach() != 0)
         if s.nnz == 0:
             raise ValueError("mask has no active weight")
         self.values = nn.Parameter(weight.detach().reshape(-1)[s.flat()].clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._set_structure(s)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.structure_written())
 
     def _set_structure(self, s: CSRStructure) -> None:
+        """Write ``s`` into the structure buffers: in place when a buffer keeps its shape and dtype (a
+        topology update keeps ``nnz``; DDP and optimizers keep references to module tensors), else as a
+        new buffer. The one place the structure buffers are written."""
         for name in _BUFFERS:
-            self.register_buffer(name, getattr(s, name))
+            new, cur = getattr(s, name), self._buffers.get(name)
+            if cur is not None and cur.shape == new.shape and cur.dtype == new.dtype and cur.device == new.device:
+                cur.copy_(new)
+            else:
+                self.register_buffer(name, new)
+        self.structure_written()
 
     @property
     def structure(self) -> CSRStructure:
-        return CSRStructure((self.out_features, self.in_features), *(getattr(self, n) for n in _BUFFERS))
+        """The :class:`CSRStructure` over the current buffers; one object kept while they are unchanged,
+        so a backend's cached transposed structure lives until the next topology update / load."""
+        s = self.__dict__.get("_structure")
+        if s is None or not s.backed_by(self.crow, self.col):
+            s = CSRStructure((self.out_features, self.in_features), self.crow, self.col)
+            self.__dict__["_structure"] = s
+        return s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in _LEGACY_BUFFERS:  # checkpoints of the earlier layout
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def nnz(self) -> int:
@@ -125,35 +150,54 @@ class SparseTrainLinear(nn.Module):
 
     # ------------------------------------------------------------------ topology
     @torch.no_grad()
-    def drop_grow(self, n: int, grow: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Drop the ``n`` smallest ``|values|`` and activate the flat positions ``grow`` (``row * in + col``).
+    def update_topology(self, drop: torch.Tensor, grow: torch.Tensor,
+                        optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Deactivate the value slots ``drop`` and activate the flat positions ``grow`` (``row * in + col``).
 
-        ``grow`` must hold exactly ``n`` positions that are inactive now (SET draws them with
-        :func:`random_inactive`). Kept weights and their optimizer state move with them; grown weights
-        and every per-value optimizer buffer (momentum, Adam moments) start at zero. ``values`` keeps
-        its identity and size, so an optimizer built on it stays valid.
+        Which slots and positions is decided by the one generic drop/grow step,
+        :func:`sparsebench.dst.updater.drop_grow_layer` (SET, RigL, similarity growth); this method only
+        edits the storage. Kept weights and their optimizer state move with them to their new slots;
+        grown weights and every per-value optimizer buffer (SGD momentum, Adam ``exp_avg`` /
+        ``exp_avg_sq``: any state tensor of ``values``' shape) start at zero; ``values.grad`` is remapped
+        the same way. ``values`` keeps its identity and size (the active count is exactly constant), so
+        an optimizer built on it stays valid, and the structure buffers are rewritten in place.
+
+        Args:
+            drop: ``(n,)`` distinct value slots (indices into ``values``).
+            grow: ``(n,)`` distinct flat positions, inactive after the drop (a position dropped here may
+                be grown again: RigL's ``allow_regrow``).
+            optimizer: whose state of ``values`` is remapped (None: no state).
 
         Raises:
-            ValueError: ``grow`` has not ``n`` entries or hits an active position.
+            ValueError: ``drop`` and ``grow`` differ in length, ``drop`` repeats a slot, or ``grow``
+                repeats a position or hits a kept active one.
         """
-        n = int(n)
+        dev = self.values.device
+        drop = torch.as_tensor(drop, dtype=torch.long).to(dev).reshape(-1)
+        grow = torch.as_tensor(grow, dtype=torch.long).to(dev).reshape(-1)
+        n = drop.numel()
         if grow.numel() != n:
-            raise ValueError(f"drop_grow: {grow.numel()} positions to grow for {n} dropped")
+            raise ValueError(f"update_topology: {grow.numel()} positions to grow for {n} dropped")
         if n == 0:
             return
         s = self.structure
-        old_flat = s.flat()
-        keep = torch.topk(self.values.abs(), self.nnz - n, sorted=False).indices
-        new_flat_unsorted = torch.cat([old_flat[keep], grow.to(old_flat)])
-        order = torch.argsort(new_flat_unsorted)
-        new_s = CSRStructure.from_flat(new_flat_unsorted, s.shape)  # raises on duplicates
-        # source of every new slot: index into old values, or -1 for a grown weight
-        src = torch.cat([keep, torch.full((n,), -1, dtype=keep.dtype, device=keep.device)])[order]
-        fresh = src < 0
-        gather = src.clamp(min=0)
+        keep_slot = torch.ones(self.nnz, dtype=torch.bool, device=dev)
+        keep_slot[drop] = False
+        keep = keep_slot.nonzero().squeeze(1)
+        if keep.numel() != self.nnz - n:
+            raise ValueError("update_topology: repeated slots in drop")
+        # merge the kept positions (still sorted) with the sorted grown ones: O(nnz log n), no sort of nnz
+        kept_flat, grow_sorted = s.flat()[keep], torch.sort(grow).values
+        at_kept = torch.arange(keep.numel(), device=dev) + torch.searchsorted(grow_sorted, kept_flat)
+        at_grow = torch.arange(n, device=dev) + torch.searchsorted(kept_flat, grow_sorted)
+        new_flat = torch.empty(self.nnz, dtype=torch.long, device=dev)
+        new_flat[at_kept], new_flat[at_grow] = kept_flat, grow_sorted
+        new_s = CSRStructure.from_flat(new_flat, s.shape)  # raises on duplicates; value order = sorted flat
 
-        def remap(t: torch.Tensor) -> None:
-            t.copy_(t[gather].masked_fill_(fresh, 0))
+        def remap(t: torch.Tensor) -> None:  # kept values to their new slots, grown ones 0
+            new = torch.zeros_like(t)
+            new[at_kept] = t[keep]
+            t.copy_(new)
 
         remap(self.values.data)
         if optimizer is not None:
@@ -164,32 +208,29 @@ class SparseTrainLinear(nn.Module):
             remap(self.values.grad)
         self._set_structure(new_s)
 
-    def random_inactive(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``n`` distinct flat positions drawn uniformly among the inactive ones, without a dense draw
-        (rejection sampling; fine while density is below ~0.9)."""
-        total = self.out_features * self.in_features
-        if n > total - self.nnz:
-            raise ValueError(f"cannot grow {n} weights: only {total - self.nnz} inactive positions")
-        active = self.structure.flat()
-        got = torch.empty(0, dtype=torch.int64)
-        while got.numel() < n:
-            cand = torch.randint(0, total, (2 * (n - got.numel()) + 16,), generator=generator)
-            cand = cand[~torch.isin(cand, active.cpu())]
-            got = torch.unique(torch.cat([got, cand]))  # sorted: the draw order is lost, fine for SET
-        pick = torch.randperm(got.numel(), generator=generator)[:n]
-        return got[pick].to(active.device)
+    def structure_written(self) -> None:
+        """The structure buffers were overwritten in place from outside (``load_state_dict``, the DDP
+        broadcast of :func:`sparsebench.core.distributed.sync_from_rank0`): drop anything derived from
+        them: the cached :attr:`structure` and its transposed structure."""
+        self.__dict__.pop("_structure", None)
 
 
 def set_update(layers: Dict[str, SparseTrainLinear], drop_fraction: float,
                optimizer: Optional[torch.optim.Optimizer] = None,
                generator: Optional[torch.Generator] = None) -> Dict[str, int]:
-    """One SET topology update: per layer drop ``round(drop_fraction * nnz)`` smallest ``|w|`` and grow
-    as many at random inactive positions (new weights 0, optimizer state 0). Returns ``{name: n}``."""
+    """One SET topology update (Mocanu et al. 2018) of the given layers through the generic drop/grow
+    step (:func:`sparsebench.dst.updater.drop_grow_layer` with ``grow=random``): per layer drop the
+    ``round(drop_fraction * nnz)`` smallest ``|w|`` and grow as many uniformly random inactive
+    positions (new weights 0, optimizer state 0). For scripts and benchmarks; training runs use
+    ``method=set trainer.sparse_kernels=true``. Returns ``{name: n}``."""
+    from sparsebench.dst.grow import RandomGrow
+    from sparsebench.dst.updater import SparseLayer, drop_grow_layer
+
+    grow = RandomGrow(generator if generator is not None else torch.Generator())
     out = {}
     for name, layer in layers.items():
-        n = int(round(drop_fraction * layer.nnz))
-        layer.drop_grow(n, layer.random_inactive(n, generator), optimizer)
-        out[name] = n
+        n = min(int(round(drop_fraction * layer.nnz)), layer.nnz, layer.out_features * layer.in_features - layer.nnz)
+        out[name] = drop_grow_layer(SparseLayer(name, layer), n, grow, optimizer)
     return out
 
 
@@ -203,11 +244,14 @@ class SparseConversion:
             convolutions, non-Linear modules).
         masking: a new :class:`Masking` over the layers that stayed masked-dense (attach it to the
             optimizer instead of the old one), or None when every masked layer went sparse.
+        version: topology-update counter of the sparse layers (the ``Masking.version`` of this mode),
+            bumped by :class:`~sparsebench.dst.updater.DSTUpdater` when rank-local data chose the growth.
     """
 
     sparse: Dict[str, SparseTrainLinear] = field(default_factory=dict)
     dense: List[str] = field(default_factory=list)
     masking: Optional[Masking] = None
+    version: int = 0  # incremented by every topology update of a sparse layer (data-parallel ranks sync on change)
 
     def counts(self) -> Dict[str, tuple]:
         """``{name: (active, total)}`` over all masked layers, sparse and masked-dense."""
@@ -219,6 +263,16 @@ class SparseConversion:
     def density(self) -> float:
         c = self.counts().values()
         return sum(a for a, _ in c) / max(1, sum(t for _, t in c))
+
+
+def structure_buffer_names(conversion: SparseConversion) -> List[str]:
+    """Fully qualified names (``<module>.crow``, ...) of the structure buffers of the converted layers.
+
+    The trainer tells DistributedDataParallel to leave them alone: DDP would broadcast every buffer at
+    construction and before every forward, which gloo and NCCL refuse for the int16 ``col`` and which
+    is wasted work anyway; :func:`sparsebench.core.distributed.sync_from_rank0` syncs them (as bytes)
+    when a topology update chose from rank-local data."""
+    return [f"{name[:-len('.weight')]}.{b}" for name in conversion.sparse for b in _BUFFERS]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -266,8 +320,10 @@ def sparsify_for_training(model: nn.Module, masking: Masking, max_density: float
 
 
 def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-    """Bytes of parameters, their gradients, optimizer state and index / mask buffers of ``model``."""
+    """Bytes of parameters, their gradients, optimizer state, index / mask buffers of ``model`` and the
+    transposed structures the kernels cached for its :class:`SparseTrainLinear` layers."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.structure.cache_nbytes() for m in model.modules() if isinstance(m, SparseTrainLinear))
     total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     if optimizer is not None:

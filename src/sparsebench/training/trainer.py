@@ -39,8 +39,13 @@ class Trainer:
         device: this rank's device, as returned by :func:`~sparsebench.training.runtime.setup_run`; under
             torchrun (process group joined) the model is wrapped in DistributedDataParallel.
         data: in-memory dataset; moved to the device when ``cfg.data_on_device``.
-        masking: optional; attached to the optimizer so pruned weights stay exactly zero.
-        callbacks: strategy hooks (see :class:`Callback`).
+        masking: optional; attached to the optimizer so pruned weights stay exactly zero. Under
+            ``cfg.sparse_kernels`` its Linear layers are first converted to truly sparse layers
+            (:func:`~sparsebench.sparsity.sparse_linear.sparsify_for_training`; ``self.sparse``) and only
+            the ones left masked-dense stay in ``self.masking``.
+        callbacks: strategy hooks (see :class:`Callback`). Under ``cfg.sparse_kernels`` each must define
+            ``adopt_sparse_layers(conversion)`` (the dynamic sparse updater does; it then updates the
+            sparse layers' storage), others are refused with a ConfigError.
         seed: seeds the data order.
         metrics: long-format log; rows are named ``<prefix>train_loss``, ``<prefix>test_acc``, ...
         start_step: first step (the LR schedule continues from there; used for late rewinding).
@@ -71,14 +76,23 @@ class Trainer:
             from sparsebench.sparsity.sparse_linear import sparsify_for_training
 
             callbacks = list(callbacks)
-            if callbacks:
-                raise ConfigError("trainer.sparse_kernels=true: static masks only (method callbacks would change "
-                                  "the replaced dense layers); see sparsebench.sparsity.sparse_linear.set_update")
+            refused = [type(cb).__name__ for cb in callbacks if not hasattr(cb, "adopt_sparse_layers")]
+            if refused:
+                raise ConfigError(f"trainer.sparse_kernels=true: {', '.join(refused)} would act on the replaced "
+                                  f"dense layers (only callbacks with adopt_sparse_layers, such as the dynamic "
+                                  f"sparse updater, run in this mode); set trainer.sparse_kernels=false")
             self.sparse = sparsify_for_training(self.model, masking)
             masking = self.sparse.masking  # the layers that stayed masked-dense (or None)
+            for cb in callbacks:  # e.g. DSTUpdater: update the converted layers through their sparse storage
+                cb.adopt_sparse_layers(self.sparse)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.ddp = None
         if self.world > 1:
+            if self.sparse is not None:  # structure buffers: synced by sync_from_rank0 only (int16 col; no per-step copy)
+                from sparsebench.sparsity.sparse_linear import structure_buffer_names
+
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.model, structure_buffer_names(self.sparse))
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.data = data.to(device) if cfg.data_on_device else data
@@ -264,15 +278,21 @@ class Trainer:
         self.step += 1
         if self.callbacks:
             t = time.perf_counter()
-            version = self.masking.version if self.masking is not None else 0
+            version = self._topology_version()
             for cb in self.callbacks:
                 cb.on_step_end(self)
-            if self.ddp is not None and self.masking is not None and self.masking.version != version:
+            if self.ddp is not None and self._topology_version() != version:
                 from sparsebench.core.distributed import sync_from_rank0
 
-                sync_from_rank0(self.masking, self.optimizer)
+                sync_from_rank0(self.masking, self.optimizer, self.sparse)
             self.time_in_callbacks += time.perf_counter() - t
         return self.loss
+
+    def _topology_version(self) -> tuple:
+        """Versions of the masks and of the sparse layers' structures (they move when rank-local data
+        changed a topology; the ranks are then synced)."""
+        return (self.masking.version if self.masking is not None else 0,
+                self.sparse.version if self.sparse is not None else 0)
 
     def _log(self, metrics: Dict[str, float]) -> None:
         if self.metrics is not None:
@@ -287,7 +307,7 @@ class Trainer:
         if self.ddp is not None:
             from sparsebench.core.distributed import sync_from_rank0
 
-            sync_from_rank0(self.masking, self.optimizer)  # masks set before training are identical anyway
+            sync_from_rank0(self.masking, self.optimizer, self.sparse)  # identical anyway before training
         for cb in self.callbacks:
             if resumed:
                 cb.on_resume(self)

@@ -1,0 +1,346 @@
+"""Dynamic sparse training on truly sparse layers (issue 14, ``trainer.sparse_kernels=true``): the one generic
+drop/grow update through its SparseLayer adapter picks what the masked-dense update picks, tracks its loss,
+zeroes regrown weights and their optimizer state, keeps density exact, resumes exactly, computes RigL's dense
+gradient in row blocks, syncs data-parallel ranks and exports.
+
+Data are Gaussian, units tanh, and every unit keeps inputs and outputs: no exactly tied |w| (weights into or out
+of a dead unit -- ReLU, or no outgoing connection -- get zero gradients and stay exactly 0, and which of several
+tied zeros is dropped depends on the slot order, which differs between the storages: row-major values vs. the
+masked updater's in-place slot list; both are "the n smallest |w|").
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench.config import TrainerConfig
+from sparsebench.data import DataBundle, Split
+from sparsebench.dst.grow import GROW_CRITERIA, GradientGrow, LayerUpdate, blocked_topn, gradient_rows
+from sparsebench.dst.updater import DSTUpdater
+from sparsebench.models import MLP
+from sparsebench.sparsity.export import SparseLinear, export_sparse
+from sparsebench.sparsity.masking import Masking
+from sparsebench.sparsity.selection import num_to_keep, topk_mask
+from sparsebench.sparsity.sparse_linear import SparseTrainLinear, sparsify_for_training
+from sparsebench.training.callbacks import Callback
+from sparsebench.training.trainer import Trainer
+
+HERE = Path(__file__).resolve().parent
+GROWS = {"set": ("random", {}), "rigl": ("gradient", {}),
+         "similarity": ("similarity", {"metric": "abs_ip", "search": "faiss"}),
+         "similarity_brute": ("similarity", {"metric": "abs_ip", "search": "brute"})}
+
+
+@pytest.fixture(autouse=True)
+def every_linear_sparse(monkeypatch):
+    """The trainer converts every masked Linear, whatever the per-layer dense/sparse auto-choice says."""
+    import functools
+
+    import sparsebench.sparsity.sparse_linear as sl
+
+    monkeypatch.setattr(sl, "sparsify_for_training", functools.partial(sparsify_for_training, max_density=1.0))
+
+
+def gaussian_bundle(n=384, d=60, classes=5, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return DataBundle("gaussian", "tabular", Split(x, y), Split(x[:64], y[:64]), Split(x[64:192], y[64:192]), classes)
+
+
+DENSITIES = {"layers.0.weight": 0.1, "layers.2.weight": 0.2, "layers.4.weight": 0.8}
+
+
+def masked_mlp(seed=0):
+    """60-100-40-5 tanh MLP; densities such that every unit keeps inputs and outputs (no dead units)."""
+    torch.manual_seed(seed)
+    model = MLP(60, 5, hidden=[100, 40], activation="tanh")
+    masking = Masking(model)
+    g = torch.Generator().manual_seed(seed)
+    for name, w, _ in masking.items():
+        masking.set_mask(name, topk_mask(torch.rand(w.shape, generator=g), num_to_keep(w.numel(), DENSITIES[name])))
+    return model, masking
+
+
+def updater(masking, grow, **kw):
+    name, params = GROWS[grow]
+    crit = GROW_CRITERIA.get(name)(torch.Generator().manual_seed(0), **params)
+    args = dict(d0=0.3, schedule="cosine", delta_t=2, t_end=1.0)
+    args.update(kw)
+    return DSTUpdater(masking, crit, **args)
+
+
+class Record(Callback):
+    """After every step (after the updater): each layer's active positions, its values there and the
+    optimizer state there, and the loss. Supports sparse mode (``adopt_sparse_layers``)."""
+
+    def __init__(self):
+        self.conversion, self.masking, self.history = None, None, []
+
+    def adopt_sparse_layers(self, conversion):
+        self.conversion = conversion
+
+    def on_train_start(self, trainer):
+        self.masking = trainer.masking
+
+    def on_step_end(self, trainer):
+        snap = {"loss": float(trainer.loss), "layers": {}}
+        if self.conversion is not None:
+            for name, layer in self.conversion.sparse.items():
+                st = trainer.optimizer.state.get(layer.values, {})
+                snap["layers"][name] = (layer.structure.flat().clone(), layer.values.detach().clone(),
+                                        {k: v.clone() for k, v in st.items() if torch.is_tensor(v) and v.dim()})
+        else:
+            for name, w, m in self.masking.items():
+                flat = m.reshape(-1).nonzero().squeeze(1)
+                st = trainer.optimizer.state.get(w, {})
+                snap["layers"][name] = (flat, w.detach().reshape(-1)[flat].clone(),
+                                        {k: v.reshape(-1)[flat].clone() for k, v in st.items()
+                                         if torch.is_tensor(v) and v.dim()})
+        self.history.append(snap)
+
+
+def train(sparse, grow, optimizer="sgd", iterations=16, seed=0, checkpoint=None, extra=(), **upd_kw):
+    model, masking = masked_mlp(seed)
+    upd = updater(masking, grow, **upd_kw)
+    rec = Record()
+    lr = 0.05 if optimizer == "sgd" else 5e-3
+    cfg = TrainerConfig(iterations=iterations, batch_size=32, lr=lr, optimizer=optimizer, momentum=0.9,
+                        device="cpu", sparse_kernels=sparse, checkpoint_every=1)
+    tr = Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking,
+                 callbacks=[upd, rec, *extra], seed=0, checkpoint=checkpoint)
+    if sparse:
+        assert len(tr.sparse.sparse) == 3 and tr.sparse.masking is None  # every layer truly sparse
+        assert not any(isinstance(m, nn.Linear) for m in tr.model.modules())
+    final = tr.fit()
+    return tr, upd, rec, final
+
+
+# --------------------------------------------------------------------------- same positions, same losses
+@pytest.mark.parametrize("grow", ["set", "similarity", "similarity_brute", "rigl"])
+def test_updates_pick_the_same_positions_in_sparse_and_masked_mode(grow):
+    _, upd_d, rec_d, _ = train(False, grow)
+    _, upd_s, rec_s, _ = train(True, grow)
+    assert upd_s.updates == upd_d.updates == 8 and upd_s.changed == upd_d.changed > 0
+    for step, (a, b) in enumerate(zip(rec_d.history, rec_s.history)):
+        for name in a["layers"]:
+            assert torch.equal(a["layers"][name][0], b["layers"][name][0]), (step, name)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("grow", ["set", "rigl"])
+def test_training_tracks_the_masked_dense_run(grow, optimizer):
+    _, _, rec_d, fin_d = train(False, grow, optimizer=optimizer, iterations=24)
+    _, _, rec_s, fin_s = train(True, grow, optimizer=optimizer, iterations=24)
+    for a, b in zip(rec_d.history, rec_s.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"]))
+        for name, (flat, vals, state) in a["layers"].items():
+            torch.testing.assert_close(b["layers"][name][1], vals, rtol=1e-3, atol=1e-5)
+            for k, v in state.items():
+                torch.testing.assert_close(b["layers"][name][2][k], v, rtol=1e-3, atol=1e-6)
+    assert abs(fin_d["test_loss"] - fin_s["test_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("grow", ["set", "rigl", "similarity"])
+def test_regrown_weights_and_their_adam_state_start_at_zero_and_density_is_exact(grow):
+    tr, upd, rec, _ = train(True, grow, optimizer="adam", delta_t=1, schedule="constant")
+    assert upd.updates == 16
+    nnz = {n: layer.nnz for n, layer in tr.sparse.sparse.items()}
+    assert all(v == num_to_keep(tr.sparse.counts()[n][1], DENSITIES[n]) for n, v in nnz.items())
+    prev = {n: rec.history[0]["layers"][n][0] for n in nnz}
+    for snap in rec.history[1:]:
+        for name, (flat, vals, state) in snap["layers"].items():
+            assert flat.numel() == nnz[name] and flat.unique().numel() == nnz[name]  # density exact
+            grown = ~torch.isin(flat, prev[name])
+            assert int(grown.sum()) > 0
+            assert torch.all(vals[grown] == 0) and torch.all(vals[~grown] != 0)
+            assert set(state) == {"exp_avg", "exp_avg_sq"}
+            for v in state.values():
+                assert torch.all(v[grown] == 0) and torch.any(v[~grown] != 0)
+            prev[name] = flat
+    assert tr.sparse.density() == pytest.approx(sum(nnz.values()) / sum(t for _, t in tr.sparse.counts().values()))
+
+
+@pytest.mark.parametrize("grow", ["set", "rigl", "similarity"])
+def test_tensor_code_path_used_on_cuda_gives_the_same_topology_on_cpu(grow):
+    # On CUDA host_view returns the tensors and the update runs in torch; forcing that path on the CPU must give
+    # the same sparse topology as the numpy path (RigL with allow_regrow: dropped positions compete again).
+    from sparsebench.dst import search, selection, updater
+
+    def positions(force_tensors):
+        with pytest.MonkeyPatch.context() as mp:
+            if force_tensors:
+                for mod in (search, selection, updater):
+                    mp.setattr(mod, "host_view", lambda t: t)
+            _, upd, rec, _ = train(True, grow, iterations=8, allow_regrow=(grow == "rigl"))
+        return [{n: v[0] for n, v in h["layers"].items()} for h in rec.history], upd.changed
+
+    (a, ca), (b, cb) = positions(False), positions(True)
+    assert ca == cb > 0
+    for step, (pa, pb) in enumerate(zip(a, b)):
+        for n in pa:
+            assert torch.equal(pa[n], pb[n]), (step, n)
+
+
+# --------------------------------------------------------------------------- resume
+class Crash(Callback):
+    """Simulates a killed process at step ``at`` (after the epoch-1 checkpoint)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def adopt_sparse_layers(self, conversion):
+        pass
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+@pytest.mark.parametrize("grow", ["set", "rigl", "similarity"])
+def test_resume_from_a_mid_training_checkpoint_continues_identically(grow, tmp_path):
+    kw = dict(iterations=36, delta_t=3, t_end=0.9, optimizer="adam")  # 12 steps per epoch
+    ref, ref_upd, _, ref_final = train(True, grow, checkpoint=str(tmp_path / "ref.pt"), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(True, grow, checkpoint=str(tmp_path / "cut.pt"), extra=[Crash(18)], **kw)
+    tr, upd, _, final = train(True, grow, checkpoint=str(tmp_path / "cut.pt"), **kw)
+    assert upd.updates == ref_upd.updates == 10 and upd.changed == ref_upd.changed
+    a, b = tr.model.state_dict(), ref.model.state_dict()
+    assert list(a) == list(b) and any(k.endswith(".col") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for p, q in zip(tr.optimizer.state.values(), ref.optimizer.state.values()):
+        for k in p:
+            assert torch.equal(p[k], q[k]), k
+    assert final["test_loss"] == ref_final["test_loss"]
+
+
+# --------------------------------------------------------------------------- RigL in row blocks
+def test_rigl_row_blocked_gradient_equals_the_full_dense_gradient():
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(70, 90)
+    mask = topk_mask(torch.rand(90, 70, generator=g), 500)
+    layer = SparseTrainLinear(lin.weight.detach() * mask, mask, lin.bias)
+    x = torch.randn(40, 70, generator=g)
+    dz = torch.randn(40, 90, generator=g)
+    full = (dz.t() @ x).abs()  # |dL/dW| of the layer, dense
+    excluded = layer.structure.flat()
+    lu = LayerUpdate("l", layer, None, None, 300, x, dz, shape=(90, 70), excluded=excluded)
+    rows = gradient_rows(lu)
+    torch.testing.assert_close(torch.cat([rows(r, min(90, r + 7)) for r in range(0, 90, 7)]), full)
+    ref = full.reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+    want = set(torch.topk(ref, 300).indices.tolist())
+    for block in (70, 7 * 70, 1000, 90 * 70):  # one row, 7 rows, a non-multiple, everything at once
+        vals, flat = blocked_topn(gradient_rows(lu), lu, 300, block_elements=block)
+        assert set(flat.tolist()) == want, block
+        torch.testing.assert_close(torch.sort(vals).values, torch.sort(ref[flat]).values)
+    # the criterion on the sparse layer == the criterion on the dense weight.grad of the masked layer
+    crit = GradientGrow(torch.Generator().manual_seed(0), block_elements=700)
+    got = crit.grow(lu)
+    assert set(got.tolist()) == want and torch.all(mask.reshape(-1)[got] == 0)
+    lu_masked = LayerUpdate("m", lin, lin.weight, mask.reshape(-1), 300)
+    lin.weight.grad = dz.t() @ x
+    crit.prepare(type("M", (), {"weight": staticmethod(lambda n: lin.weight)})(), ["m"])
+    assert set(crit.grow(lu_masked).tolist()) == want
+
+
+def test_similarity_grow_from_the_weight_gradient_equals_the_captured_vector_search():
+    # masked-dense layers: search=faiss abs_ip searches S = weight.grad (no capture); sparse layers: the captured
+    # vectors (no dense gradient exists). Both give the set the vector search gives on the masked layer.
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(70, 90)
+    mask = topk_mask(torch.rand(90, 70, generator=g), 600)
+    x, dz = torch.randn(40, 70, generator=g), torch.randn(40, 90, generator=g)
+    lin.weight.grad = dz.t() @ x
+    make = lambda: GROW_CRITERIA.get("similarity")(torch.Generator().manual_seed(0), metric="abs_ip", search="faiss")
+    crit = make()
+    assert crit.from_scores and crit.needs_gradients and not crit.needs_activations
+    crit.prepare(type("M", (), {"weight": staticmethod(lambda n: lin.weight)})(), ["m"])
+    from_grad = crit.grow(LayerUpdate("m", lin, lin.weight, mask.reshape(-1), 200))
+    vectors = make()
+    vectors.from_scores = False  # the captured-vector path on the same masked layer
+    from_vec = vectors.grow(LayerUpdate("m", lin, lin.weight, mask.reshape(-1), 200, x, dz))
+    layer = SparseTrainLinear(lin.weight.detach() * mask, mask, lin.bias)
+    sparse = make().grow(LayerUpdate("s", layer, None, None, 200, x, dz, shape=(90, 70),
+                                     excluded=layer.structure.flat()))
+    assert set(from_grad.tolist()) == set(from_vec.tolist()) == set(sparse.tolist())
+    assert crit.stats["recall_n"] == 200 and crit.stats["recall_hits"] > 150
+
+
+# --------------------------------------------------------------------------- trainer, export, DDP
+def test_a_callback_without_sparse_support_is_refused():
+    from sparsebench.core.errors import ConfigError
+
+    model, masking = masked_mlp()
+    cfg = TrainerConfig(iterations=2, batch_size=32, device="cpu", sparse_kernels=True)
+    with pytest.raises(ConfigError, match="Callback would act on the replaced"):
+        Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking, callbacks=[Callback()])
+
+
+def test_export_of_a_sparse_trained_model_equals_the_masked_export():
+    tr_s, _, _, _ = train(True, "set", iterations=8)
+    model, masking = masked_mlp()
+    for name, layer in tr_s.sparse.sparse.items():  # the sparse run's topology and weights, masked-dense
+        masking.set_mask(name, layer.mask())
+        with torch.no_grad():
+            masking.weight(name).copy_(layer.dense_weight())
+        masking.module(name).bias.data.copy_(layer.bias.detach())
+    x = torch.randn(50, 60)
+    for layout in ("csr", "auto", "dense"):
+        ex_s, ex_d = export_sparse(tr_s.model, layout), export_sparse(model, layout)
+        lin_s = [m for m in ex_s.modules() if isinstance(m, SparseLinear)]
+        lin_d = [m for m in ex_d.modules() if isinstance(m, SparseLinear)]
+        assert len(lin_s) == 3 and [m.nnz for m in lin_s] == [m.nnz for m in lin_d]
+        assert [m.weight.layout for m in lin_s] == [m.weight.layout for m in lin_d]
+        with torch.no_grad():
+            torch.testing.assert_close(ex_s(x), ex_d(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ex_s(x), tr_s.model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_keeps_the_structure_buffers_in_place_across_updates():
+    model, masking = masked_mlp()
+    conv = sparsify_for_training(model, masking, max_density=1.0)
+    layer = next(iter(conv.sparse.values()))
+    before = {n: b.data_ptr() for n, b in layer.named_buffers()}
+    from sparsebench.sparsity.sparse_linear import set_update
+
+    set_update(conv.sparse, 0.3, None, generator=torch.Generator().manual_seed(0))
+    assert {n: b.data_ptr() for n, b in layer.named_buffers()} == before  # DDP and checkpoints see the same tensors
+
+
+def test_ddp_two_processes_keep_sparse_layers_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        __file__, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["world"] == r1["world"] == 2 and r0["updates"] == r1["updates"] > 0
+    assert any(k.endswith(".values") for k in r0["state"])
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k  # structures, values identical on both ranks
+    for a, b in zip(r0["opt"], r1["opt"]):
+        assert torch.equal(a, b)
+    assert r0["final"]["test_acc"] == r1["final"]["test_acc"]
+
+
+def _ddp_worker(out):
+    """torchrun worker: faiss_grow-style similarity growth (rank-local activations) on sparse layers."""
+    from sparsebench.training.runtime import setup_run
+
+    model, masking = masked_mlp()
+    cfg = TrainerConfig(iterations=24, batch_size=64, lr=0.05, device="cpu", sparse_kernels=True)
+    device = setup_run(cfg)  # joins the gloo process group (torchrun sets WORLD_SIZE=2)
+    upd = updater(masking, "similarity", delta_t=4, schedule="constant")
+    tr = Trainer(cfg, model, gaussian_bundle(), device, masking=masking, callbacks=[upd], seed=0)
+    final = tr.fit()
+    opt = [v for st in tr.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    torch.save({"state": tr.model.state_dict(), "opt": opt, "final": final, "world": tr.world,
+                "updates": upd.updates}, f"{out}/rank{tr.rank}.pt")
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
