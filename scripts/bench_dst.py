@@ -32,8 +32,11 @@ on (the same batches and choices: the logging draws nothing): the fraction of gr
 lie in the exact top-n of ``|dL/dW|`` among the growable ones at the same step, over all updates and
 layers (``SimilarityGrow.log_recall``; 1 by construction for the brute force, which reads
 ``weight.grad``). ``same as index``: in that run every faiss search is also answered by the faiss
-library's index (``faiss_index``) on the same vectors and the fraction of positions both return is
-printed (below 1 only by ties and float rounding at the k-th / n-th score).
+library's index (``faiss_index``) on the same vectors, or, where grow.py searches ``S = weight.grad``
+(``find_scores``: no vectors), by every query's full top-k list of ``S`` merged, and the fraction of
+positions both return is printed (below 1 only by ties and float rounding at the k-th / n-th score). ``vectors ms/step``: in
+that run, the time per step ``grow.layer_vectors`` took to turn the captured tensors into the search's
+vectors (``F.unfold`` for a convolution): the part of faiss_grow's update outside ``search.py``.
 On the shared 2-core VM this was written on, configurations that run the very same steps (the
 fixed mask and RigL at ΔT=100 before its first update) still differ by up to 10% in ``ratio``:
 a whole-run ratio cannot resolve a 5% target there, while the update share is timed around
@@ -46,6 +49,7 @@ back to random data of MNIST's shape when it is absent (then says so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -59,7 +63,8 @@ from sparsebench.sparsity.distributions import layer_counts, random_masks  # noq
 from sparsebench.config import DatasetConfig, TrainerConfig  # noqa: E402
 from sparsebench.data import DataBundle, Split, load_dataset  # noqa: E402
 from sparsebench.dst.grow import GROW_CRITERIA  # noqa: E402
-from sparsebench.dst.search import FaissIndexSearch  # noqa: E402
+from sparsebench.dst.search import (FaissIndexSearch, _k_per_query, _merge_topn,  # noqa: E402
+                                    _per_query_candidates)
 from sparsebench.dst.updater import DSTUpdater  # noqa: E402
 from sparsebench.core.errors import DataError  # noqa: E402
 from sparsebench.sparsity.masking import Masking  # noqa: E402
@@ -86,21 +91,35 @@ ISSUE15 = "faiss_grow faiss dT=1"  # issue 15's targets per model (bench(..., ta
 
 
 class IndexAgreement:
-    """Wraps a faiss_grow search (a :data:`SEARCHES` instance): each ``find`` is also answered by the
-    faiss library's index (:class:`FaissIndexSearch`, same metric and k_similar) on the same vectors,
-    counting the positions both return; the wrapped search's answer is used."""
+    """Wraps a faiss_grow search (a :data:`SEARCHES` instance) and counts the positions it shares with a
+    reference on the same input; the wrapped search's answer is used. ``find(G, U)``: the faiss
+    library's index (:class:`FaissIndexSearch`, same metric and k_similar) on the same vectors.
+    ``find_scores(S)`` (grow.py's path from ``weight.grad``, no vectors to index): every query's full
+    top-k list of ``S`` merged (:func:`_per_query_candidates`, :func:`_merge_topn`: what IndexFlatIP
+    computes; tests/test_dst_search.py checks that it is the library's set)."""
 
     def __init__(self, search):
         self.inner, self.exact = search, search.exact
         self.ref = FaissIndexSearch(search.metric, search.k_similar, search.rerank)
         self.same = self.n = 0
 
-    def find(self, key, G, U, mask_flat, n):
-        got = self.inner.find(key, G, U, mask_flat, n)
-        want = self.ref.find(key, G, U, mask_flat, n)
+    def answers_from_scores(self):
+        return self.inner.answers_from_scores()
+
+    def _count(self, got, want):
         self.same += len(set(got.tolist()) & set(want.tolist()))
         self.n += want.numel()
         return got
+
+    def find(self, key, G, U, mask_flat, n):
+        return self._count(self.inner.find(key, G, U, mask_flat, n), self.ref.find(key, G, U, mask_flat, n))
+
+    def find_scores(self, key, S, mask_flat, n):
+        flat, sim = _per_query_candidates(S.float(), self.inner.metric.signs,
+                                          _k_per_query(self.inner.k_similar, S.shape[0]))
+        M = mask_flat.cpu()
+        want = _merge_topn(flat.cpu().numpy(), sim.cpu().numpy(), M, n)
+        return self._count(self.inner.find_scores(key, S, mask_flat, n), want)
 
 
 def mnist(pad_to=None, subset=20000) -> tuple[DataBundle, str]:
@@ -118,9 +137,34 @@ def mnist(pad_to=None, subset=20000) -> tuple[DataBundle, str]:
             "RANDOM data of MNIST shape (MNIST not found)"
 
 
+class TimedVectors:
+    """Times ``sparsebench.dst.grow.layer_vectors`` (the captured input / output gradient turned into the
+    search's vectors: a reshape for Linear, ``F.unfold`` for Conv2d) for the duration of a ``with``
+    block, in ``seconds``; a diagnostic of the untimed runs only."""
+
+    def __init__(self):
+        import sparsebench.dst.grow as grow_module
+
+        self.module, self.orig, self.seconds = grow_module, grow_module.layer_vectors, 0.0
+
+    def __enter__(self):
+        def timed(*args):
+            t = time.perf_counter()
+            out = self.orig(*args)
+            self.seconds += time.perf_counter() - t
+            return out
+
+        self.module.layer_vectors = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.module.layer_vectors = self.orig
+
+
 def run_once(make_model, data, batch, steps, grow, kw, delta_t, device, diagnose=False):
     """One training run; returns wall s, CPU s, update s, updates, per-step times, and with ``diagnose``
-    (recall logging on, faiss searches checked against the faiss index) ``(recall, same-as-index)``."""
+    (recall logging on, faiss searches checked against the faiss index) ``(recall, same-as-index,
+    vectors s per step)``."""
     torch.manual_seed(0)
     model = make_model().to(device)
     masking = Masking(model)
@@ -149,15 +193,17 @@ def run_once(make_model, data, batch, steps, grow, kw, delta_t, device, diagnose
     clock = time.perf_counter if device.type == "cuda" else time.process_time  # per-step cost
     per_step = []
     t, c = time.perf_counter(), time.process_time()
-    for idx in batches:
-        s0 = clock()
-        tr.train_step(x_all[idx], y_all[idx])
-        sync()
-        per_step.append(clock() - s0)
+    with TimedVectors() if diagnose else contextlib.nullcontext() as vectors:
+        for idx in batches:
+            s0 = clock()
+            tr.train_step(x_all[idx], y_all[idx])
+            sync()
+            per_step.append(clock() - s0)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     if diagnose:
         recall = upd.summary()["recall_mean"] if upd is not None else float("nan")
-        return recall, (probe.same / probe.n if probe is not None and probe.n else float("nan"))
+        return (recall, (probe.same / probe.n if probe is not None and probe.n else float("nan")),
+                vectors.seconds / steps)
     return wall, cpu, (upd.update_seconds if upd else 0.0), (upd.updates if upd else 0), per_step
 
 
@@ -194,8 +240,8 @@ def bench(name, make_model, data, batch, steps, reps, lines, device, target15):
     lines.append(f"\n{name}: {steps} steps, batch {batch}, {reps} repetitions, configurations interleaved in a rotating "
                  f"order (fixed-mask CPU time varies by {100 * spread:.0f}% across repetitions)")
     lines.append(f"{'configuration':28s} {'cpu s':>7s} {'ms/step':>8s} {'ratio':>7s} {'paired':>7s} {'wall ratio':>10s} "
-                 f"{'updates':>8s} {'update share':>13s} {'1/(1-share)':>12s} {'recall':>7s} {'same as index':>13s}  "
-                 f"target")
+                 f"{'updates':>8s} {'update share':>13s} {'1/(1-share)':>12s} {'recall':>7s} {'same as index':>13s} "
+                 f"{'vectors ms/step':>15s}  target")
     for label, grow, kw, dt in CONFIGS:
         ratio = min_sum[label] / min_sum["fixed mask"]
         wall_ratio = med(walls[label]) / med(walls["fixed mask"])
@@ -207,14 +253,15 @@ def bench(name, make_model, data, batch, steps, reps, lines, device, target15):
                                           f"1/(1-share) {'met' if 1 / (1 - share) <= goal else 'MISSED'}")
         if label == ISSUE15:
             target += " (issue 15)"
-        recall, same = diag.get(label, (float("nan"), float("nan")))
+        recall, same, vec_s = diag.get(label, (float("nan"), float("nan"), float("nan")))
         lines.append(f"{label:28s} {med(cpus[label]):7.2f} {1000 * min_sum[label] / steps:8.2f} {ratio:7.3f} "
                      f"{med(paired[label]):7.3f} {wall_ratio:10.3f} {nupd[label]:8d} {100 * share:12.1f}% "
-                     f"{1 / (1 - share):12.3f} {_fmt(recall):>7s} {_fmt(same):>13s}  {target}")
+                     f"{1 / (1 - share):12.3f} {_fmt(recall):>7s} {_fmt(same):>13s} "
+                     f"{_fmt(1000 * vec_s, '.2f'):>15s}  {target}")
 
 
-def _fmt(x: float) -> str:
-    return "-" if x != x else f"{x:.4f}"
+def _fmt(x: float, spec: str = ".4f") -> str:
+    return "-" if x != x else format(x, spec)
 
 
 def main() -> int:
@@ -234,7 +281,7 @@ def main() -> int:
     import faiss
 
     faiss.omp_set_num_threads(a.threads)
-    lines = ["bench_dst: topology-update cost vs fixed-mask sparse training (issue 4)",
+    lines = ["bench_dst: topology-update cost vs fixed-mask sparse training (issues 4, 15)",
              f"torch {torch.__version__}, faiss {faiss.__version__}, {a.threads} CPU thread(s), "
              f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
              "80% sparse (uniform random masks), all conv/linear layers updated; drop fraction 0.3 at dT=100, "

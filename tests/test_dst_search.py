@@ -316,7 +316,8 @@ def test_flat_faiss_search_from_the_weight_gradient_equals_the_vector_search():
         want = FaissSearch(AbsInnerProduct(), k_similar=0.15).find(name, G, U, m_flat, n)
         assert got.numel() == want.numel() >= 10 and torch.all(m_flat[got] == 0)  # conv: 9 queries x 2 x k=1
         assert len(set(got.tolist()) & set(want.tolist())) >= want.numel() - 1, name
-    for other in (FaissSearch(LSHSimilarity(1.0)), FaissSearch(AbsInnerProduct(), rerank=True)):
+    for other in (FaissSearch(LSHSimilarity(1.0)), FaissSearch(AbsInnerProduct(), rerank=True),
+                  FaissIndexSearch(AbsInnerProduct())):
         assert not other.answers_from_scores()
         with pytest.raises(NotImplementedError):
             other.find_scores("l", torch.zeros(3, 4), torch.zeros(12), 2)

@@ -183,14 +183,15 @@ def _per_query_candidates(S: torch.Tensor, signs: Sequence[int], k: int) -> Tupl
     return torch.cat(flats), torch.cat(sims)
 
 
-def _within_rank(group: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask: entry ``e`` is among the ``k`` largest ``value`` of its ``group`` (ties: any)."""
-    keep = np.ones(group.size, dtype=bool)
+def _within_rank(group: np.ndarray, value: np.ndarray, k: int) -> Optional[np.ndarray]:
+    """Boolean mask: entry ``e`` is among the ``k`` largest ``value`` of its ``group`` (ties: any);
+    None when every entry is (no group has more than ``k``)."""
     if group.size <= k:
-        return keep
+        return None
     counts = np.bincount(group)
     if counts.max() <= k:
-        return keep
+        return None
+    keep = np.ones(group.size, dtype=bool)
     over = np.flatnonzero(counts[group] > k)  # only groups with more than k entries lose some
     order = over[np.lexsort((-value[over], group[over]))]  # by group, best first
     g = group[order]
@@ -264,23 +265,39 @@ def per_query_topn(S: torch.Tensor, signs: Sequence[int], k: int, mask_flat: tor
                 if m >= N:
                     break
                 P = topk_indices(A, m, memo=memo)  # the exact top-m (sampled threshold)
-            v = A[P]
+            if len(signs) == 2:
+                v = S_flat[P]  # one gather: the sign picks the query list, |v| the score
+                neg = v < 0
+                v = np.abs(v)
+            else:
+                v = A[P]
             if P.size and len(signs) == 2 and not float(v.min()) > 0:
                 break  # zero scores preselected: their list membership depends on the other sign
             group = P % n_in
             if len(signs) == 2:
-                group = 2 * group + (S_flat[P] < 0)
-            ok = _within_rank(group, v, k)
-            ok &= M[P] == 0
+                group *= 2
+                group += neg
+            ok = M[P] == 0
+            listed = _within_rank(group, v, k)
+            if listed is not None:
+                ok &= listed
             f, s = P[ok], v[ok]
             ratio = P.size / max(f.size, 1)  # preselected per usable pair
             if f.size >= n:
-                want = int(margin * n * ratio) + 16  # the next call's preselection
+                # the next call's threshold: the score of the (margin * n)-th usable pair (one partition
+                # with the top-n cut), or below the lowest preselected if fewer were usable
+                want = int(margin * n) + 8
                 hint["r"], hint["mg"] = margin * ratio, max(1.3, 0.95 * margin)
-                nxt = float(np.partition(v, P.size - want)[P.size - want] if want < P.size else v.min())
+                if f.size >= want:
+                    part = np.argpartition(s, (f.size - want, f.size - n))
+                    nxt = float(s[part[f.size - want]])
+                else:
+                    part = np.argpartition(s, f.size - n) if f.size > n else None
+                    lo = float(v.min())
+                    nxt = 0.8 * lo if len(signs) == 2 else lo
                 hint["t"] = nxt / scale
-                if f.size > n:
-                    f = f[np.argpartition(s, f.size - n)[f.size - n:]]
+                if part is not None:
+                    f = f[part[f.size - n:]]
                 return torch.from_numpy(f)
             margin = hint["mg"] = min(4.0, 1.5 * margin)
             if t is not None and relax > 0:  # positive |S| threshold: relax it (twice at most)
@@ -410,7 +427,11 @@ class FaissIndexSearch(FaissSearch):
     """:class:`FaissSearch` always through the faiss library's index (:meth:`FaissSearch.find_index`),
     also for the exhaustive ``IndexFlatIP`` / ``IndexFlatL2``: the reference the matrix-product path
     of ``faiss`` is tested and benchmarked against (what ``faiss`` ran before issue 15; on this
-    project's 1-thread CPU its per-query heaps cost ~10x the product and selection)."""
+    project's 1-thread CPU its per-query heaps cost ~10x the product and selection). It indexes the
+    vectors, so it never answers from a score matrix (:meth:`answers_from_scores` is False)."""
+
+    def answers_from_scores(self):
+        return False
 
     def find(self, key, G, U, mask_flat, n):
         return self.find_index(key, G, U, mask_flat, n)
