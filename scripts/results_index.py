@@ -36,6 +36,7 @@ rows:
     overrides: [method=faiss_grow, method.density=0.2, method.distribution=uniform, method.drop_fraction=0.05]
     sweep: {method.bits: [0.5, 1]}                 # optional grid: cartesian product, first key outermost
     full: ["method.update_layers=[*conv*.weight,*shortcut.weight]"]   # appended in the full setting (false: skip)
+    seeds: [0]                                     # optional: this row's own seeds (e.g. one much longer run)
     reported:                                      # a sweep row keys reported by cell label
       "faiss LSH bits=0.5": {acc: 72.46, hours: 2.41}
       "faiss LSH bits=1": {acc: 72.8, hours: 2.49}

@@ -107,6 +107,9 @@ class TrainerConfig:
     data_on_device: bool = True  # keep the tensors of small datasets on the training device
     progress: Optional[bool] = None  # tqdm progress bar; null = on when stderr is a terminal
     sparse_kernels: bool = False  # issue 14: masked nn.Linear -> truly sparse layers (sparsity/sparse_linear.py)
+    # issue 14: with sparse_kernels, layers at or below this density go sparse, denser ones stay masked-dense
+    # (null = the measured break-even of sparsity.sparse_linear.DEFAULT_MAX_DENSITY; 1.0 = every masked layer)
+    sparse_max_density: Optional[float] = None
     # issue 16: at the end of fit, restore the weights (and masks) of the evaluated epoch with the lowest loss on
     # this split (val | test; null = keep the last epoch), e.g. document 002's best-validation-loss model
     restore_best: Optional[str] = None
@@ -135,6 +138,8 @@ class TrainerConfig:
         check(bool(self.compile_backend), "trainer.compile_backend", self.compile_backend, "must not be empty")
         check(bool(DEVICE_PATTERN.match(self.device)), "trainer.device", self.device,
               "unknown (allowed: auto, cpu, cuda, cuda:N)")
+        check(self.sparse_max_density is None or 0 < self.sparse_max_density <= 1, "trainer.sparse_max_density",
+              self.sparse_max_density, "must be in (0, 1] or null (the measured break-even)")
         check(self.early_stop_every_steps is None or self.early_stop_every_steps >= 1, "trainer.early_stop_every_steps",
               self.early_stop_every_steps, "must be >= 1 or null (off)")
         check(self.restore_best in (None, "val", "test"), "trainer.restore_best", self.restore_best,

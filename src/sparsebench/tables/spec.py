@@ -18,6 +18,7 @@ lists its rows as deltas (see ``results/README.md`` for the format and the recip
         overrides: [method=faiss_grow, method.metric=lsh]
         sweep: {method.bits: [0.5, 1]}               # optional grid (cartesian product, first key outermost)
         full: [method.max_rows=4096]                 # optional: appended in the full setting (false: skip)
+        seeds: [0]                                   # optional: this row's seeds instead of the spec's
         reported: {"faiss LSH bits=0.5": {acc: 72.46}, "faiss LSH bits=1": {acc: 72.8}}
         # builder-specific keys (role, note, ...) are kept on the row
 
