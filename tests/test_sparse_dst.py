@@ -36,16 +36,6 @@ GROWS = {"set": ("random", {}), "rigl": ("gradient", {}),
          "similarity_brute": ("similarity", {"metric": "abs_ip", "search": "brute"})}
 
 
-@pytest.fixture(autouse=True)
-def every_linear_sparse(monkeypatch):
-    """The trainer converts every masked Linear, whatever the per-layer dense/sparse auto-choice says."""
-    import functools
-
-    import sparsebench.sparsity.sparse_linear as sl
-
-    monkeypatch.setattr(sl, "sparsify_for_training", functools.partial(sparsify_for_training, max_density=1.0))
-
-
 def gaussian_bundle(n=384, d=60, classes=5, seed=5):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
@@ -110,7 +100,7 @@ def train(sparse, grow, optimizer="sgd", iterations=16, seed=0, checkpoint=None,
     rec = Record()
     lr = 0.05 if optimizer == "sgd" else 5e-3
     cfg = TrainerConfig(iterations=iterations, batch_size=32, lr=lr, optimizer=optimizer, momentum=0.9,
-                        device="cpu", sparse_kernels=sparse, checkpoint_every=1)
+                        device="cpu", sparse_kernels=sparse, checkpoint_every=1, sparse_max_density=1.0)
     tr = Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking,
                  callbacks=[upd, rec, *extra], seed=0, checkpoint=checkpoint)
     if sparse:
@@ -281,6 +271,22 @@ def test_a_callback_without_sparse_support_is_refused():
         Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking, callbacks=[Callback()])
 
 
+@pytest.mark.parametrize("limit", [None, 0.2, 1.0])
+def test_sparse_max_density_chooses_the_layers_trained_sparse(limit):
+    from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY
+
+    converted = [n for n, d in DENSITIES.items() if d <= (DEFAULT_MAX_DENSITY if limit is None else limit)]
+    model, masking = masked_mlp()  # densities 0.1, 0.2, 0.8
+    upd = updater(masking, "set")
+    cfg = TrainerConfig(iterations=4, batch_size=32, device="cpu", sparse_kernels=True, sparse_max_density=limit)
+    tr = Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd])
+    assert list(tr.sparse.sparse) == converted
+    assert [n for n, t in upd.layers.items() if t.is_sparse] == converted  # the rest updates masked-dense
+    tr.fit()
+    assert upd.updates == 2 and tr.sparse.counts() == {n: (num_to_keep(t, DENSITIES[n]), t)
+                                                       for n, (_, t) in tr.sparse.counts().items()}
+
+
 def test_export_of_a_sparse_trained_model_equals_the_masked_export():
     tr_s, _, _, _ = train(True, "set", iterations=8)
     model, masking = masked_mlp()
@@ -332,7 +338,7 @@ def _ddp_worker(out):
     from sparsebench.training.runtime import setup_run
 
     model, masking = masked_mlp()
-    cfg = TrainerConfig(iterations=24, batch_size=64, lr=0.05, device="cpu", sparse_kernels=True)
+    cfg = TrainerConfig(iterations=24, batch_size=64, lr=0.05, device="cpu", sparse_kernels=True, sparse_max_density=1.0)
     device = setup_run(cfg)  # joins the gloo process group (torchrun sets WORLD_SIZE=2)
     upd = updater(masking, "similarity", delta_t=4, schedule="constant")
     tr = Trainer(cfg, model, gaussian_bundle(), device, masking=masking, callbacks=[upd], seed=0)

@@ -40,7 +40,8 @@ class Trainer:
             torchrun (process group joined) the model is wrapped in DistributedDataParallel.
         data: in-memory dataset; moved to the device when ``cfg.data_on_device``.
         masking: optional; attached to the optimizer so pruned weights stay exactly zero. Under
-            ``cfg.sparse_kernels`` its Linear layers are first converted to truly sparse layers
+            ``cfg.sparse_kernels`` its Linear layers of density at most ``cfg.sparse_max_density`` (None:
+            the measured break-even) are first converted to truly sparse layers
             (:func:`~sparsebench.sparsity.sparse_linear.sparsify_for_training`; ``self.sparse``) and only
             the ones left masked-dense stay in ``self.masking``.
         callbacks: strategy hooks (see :class:`Callback`). Under ``cfg.sparse_kernels`` each must define
@@ -81,7 +82,8 @@ class Trainer:
                 raise ConfigError(f"trainer.sparse_kernels=true: {', '.join(refused)} would act on the replaced "
                                   f"dense layers (only callbacks with adopt_sparse_layers, such as the dynamic "
                                   f"sparse updater, run in this mode); set trainer.sparse_kernels=false")
-            self.sparse = sparsify_for_training(self.model, masking)
+            limit = {} if cfg.sparse_max_density is None else {"max_density": float(cfg.sparse_max_density)}
+            self.sparse = sparsify_for_training(self.model, masking, **limit)  # per layer: sparse up to this density
             masking = self.sparse.masking  # the layers that stayed masked-dense (or None)
             for cb in callbacks:  # e.g. DSTUpdater: update the converted layers through their sparse storage
                 cb.adopt_sparse_layers(self.sparse)
