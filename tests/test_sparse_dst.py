@@ -33,7 +33,8 @@ from sparsebench.training.trainer import Trainer
 HERE = Path(__file__).resolve().parent
 GROWS = {"set": ("random", {}), "rigl": ("gradient", {}),
          "similarity": ("similarity", {"metric": "abs_ip", "search": "faiss"}),
-         "similarity_brute": ("similarity", {"metric": "abs_ip", "search": "brute"})}
+         "similarity_brute": ("similarity", {"metric": "abs_ip", "search": "brute"}),
+         "similarity_blocked": ("similarity", {"metric": "abs_ip", "search": "faiss"})}  # small search blocks
 
 
 def gaussian_bundle(n=384, d=60, classes=5, seed=5):
@@ -59,6 +60,8 @@ def masked_mlp(seed=0):
 def updater(masking, grow, **kw):
     name, params = GROWS[grow]
     crit = GROW_CRITERIA.get(name)(torch.Generator().manual_seed(0), **params)
+    if grow == "similarity_blocked":
+        crit.block_elements = 700  # sparse layers search (and score the recall) a few queries / rows at a time
     args = dict(d0=0.3, schedule="cosine", delta_t=2, t_end=1.0)
     args.update(kw)
     return DSTUpdater(masking, crit, **args)
@@ -111,7 +114,7 @@ def train(sparse, grow, optimizer="sgd", iterations=16, seed=0, checkpoint=None,
 
 
 # --------------------------------------------------------------------------- same positions, same losses
-@pytest.mark.parametrize("grow", ["set", "similarity", "similarity_brute", "rigl"])
+@pytest.mark.parametrize("grow", ["set", "similarity", "similarity_blocked", "similarity_brute", "rigl"])
 def test_updates_pick_the_same_positions_in_sparse_and_masked_mode(grow):
     _, upd_d, rec_d, _ = train(False, grow)
     _, upd_s, rec_s, _ = train(True, grow)
@@ -259,6 +262,22 @@ def test_similarity_grow_from_the_weight_gradient_equals_the_captured_vector_sea
                                      excluded=layer.structure.flat()))
     assert set(from_grad.tolist()) == set(from_vec.tolist()) == set(sparse.tolist())
     assert crit.stats["recall_n"] == 200 and crit.stats["recall_hits"] > 150
+
+
+@pytest.mark.parametrize("metric", ["abs_ip", "l2"])
+def test_faiss_search_over_blocks_of_queries_equals_the_full_search(metric):
+    # sparse layers search through find_bounded: blocks of queries (columns of S), never the (n_out, n_in) matrix
+    from sparsebench.dst.search import SEARCHES
+    from sparsebench.dst.similarity import METRICS
+
+    g = torch.Generator().manual_seed(4)
+    G, U = torch.randn(50, 90, generator=g), torch.randn(50, 70, generator=g)
+    mask = (torch.rand(90 * 70, generator=g) < 0.1).to(torch.uint8)
+    full = SEARCHES.get("faiss")(METRICS.get(metric)(), 0.15).find("l", G, U, mask, 300)
+    for block in (90, 7 * 90, 1000):  # one query per block, 7, a non-multiple
+        got = SEARCHES.get("faiss")(METRICS.get(metric)(), 0.15).find_bounded("l", G, U, mask, 300, block)
+        assert got.numel() == 300 and set(got.tolist()) == set(full.tolist()), block
+        assert torch.all(mask[got] == 0)
 
 
 # --------------------------------------------------------------------------- trainer, export, DDP

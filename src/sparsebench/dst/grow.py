@@ -34,7 +34,7 @@ from torch import nn
 
 from sparsebench.core.registry import Registry
 from sparsebench.dst.capture import layer_vectors
-from sparsebench.dst.search import SEARCHES, check_search
+from sparsebench.dst.search import SEARCHES, check_search, keep_topn
 from sparsebench.dst.selection import _NEG_INF, random_growable, topk_indices
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
@@ -121,13 +121,7 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         s = score_rows(r0, r1).reshape(-1)
         s[layer.excluded_in_rows(r0, r1).to(s.device)] = _NEG_INF
         v, i = torch.topk(s, min(n, s.numel()), sorted=False)
-        f = i + r0 * n_in
-        if best_v is not None:
-            v, f = torch.cat([best_v, v]), torch.cat([best_f, f])
-            if v.numel() > n:
-                v, k = torch.topk(v, n, sorted=False)
-                f = f[k]
-        best_v, best_f = v, f
+        best_v, best_f = keep_topn(best_v, best_f, v, i + r0 * n_in, n)
     ok = best_v > _NEG_INF
     return best_v[ok], best_f[ok]
 
@@ -300,10 +294,10 @@ class SimilarityGrow(GrowCriterion):
     On a truly sparse layer (``trainer.sparse_kernels=true``) the vectors are captured by hooks on the
     :class:`~sparsebench.sparsity.sparse_linear.SparseTrainLinear` at update steps; no dense gradient
     exists, the recall's reference is computed in row blocks, and the exact configuration above
-    becomes RigL's row-blocked gradient (:class:`GradientGrow`). What the search itself allocates is
-    the search's (:mod:`sparsebench.dst.search`): ``brute`` and ``faiss`` with a flat-index metric
-    (``abs_ip``, ``l2``; one matrix product standing in for the index) form an ``(n_out, n_in)`` score
-    matrix for the update; ``search=faiss_index`` and ``metric=lsh`` query the faiss index and do not.
+    becomes RigL's row-blocked gradient (:class:`GradientGrow`). The search runs through
+    :meth:`Search.find_bounded` (at most ``block_elements`` scores at once): ``faiss`` with a flat-index
+    metric (``abs_ip``, ``l2``) searches blocks of queries; ``faiss_index`` and ``lsh`` query the faiss
+    index (no score matrix); only ``brute`` still forms the ``(n_out, n_in)`` matrix for the update.
     """
 
     needs_activations = True
@@ -315,6 +309,7 @@ class SimilarityGrow(GrowCriterion):
         self.metric = METRICS.get(metric).from_params(bits=bits)
         self.search = SEARCHES.get(search)(self.metric, k_similar, rerank)
         self.max_rows, self.log_recall = max_rows, bool(log_recall)
+        self.block_elements = 1 << 22  # sparse layers: scores held at once by the search and the recall (16 MB)
         self.from_gradient = self.search.exact and self.metric.is_weight_gradient and max_rows is None
         # faiss search of abs_ip answered from its score matrix S = G^T U, which is the signed weight.grad
         self.from_scores = (not self.from_gradient and self.metric.is_weight_gradient and max_rows is None
@@ -374,7 +369,10 @@ class SimilarityGrow(GrowCriterion):
             if self.max_rows is not None and U.shape[0] > self.max_rows:
                 rows = torch.randperm(U.shape[0], generator=self.generator)[:self.max_rows].to(U.device)
                 Us, Gs = U[rows], G[rows]
-            chosen = self.search.find(layer.name, Gs, Us, layer.mask_flat, layer.n)
+            if layer.is_sparse:  # no (n_out, n_in) score matrix for a truly sparse layer, where the search can
+                chosen = self.search.find_bounded(layer.name, Gs, Us, layer.mask_flat, layer.n, self.block_elements)
+            else:
+                chosen = self.search.find(layer.name, Gs, Us, layer.mask_flat, layer.n)
             return self._complete(layer, chosen, lambda: self.metric.reference(G, U), G, U)
 
     def _complete(self, layer: LayerUpdate, chosen: torch.Tensor, reference: Callable[[], torch.Tensor],
@@ -412,5 +410,5 @@ class SimilarityGrow(GrowCriterion):
             at[sel] = blk.reshape(-1)[chosen[sel] - r0 * n_in]
             return blk
 
-        vals, _ = blocked_topn(rows, layer, layer.n)
+        vals, _ = blocked_topn(rows, layer, layer.n, self.block_elements)
         return at, vals.min()

@@ -130,6 +130,13 @@ class Search:
         """Whether :meth:`find_scores` gives :meth:`find`'s answer from the score matrix alone."""
         return False
 
+    def find_bounded(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int,
+                     block_elements: int) -> torch.Tensor:
+        """:meth:`find` with at most about ``block_elements`` scores held at once, where the search can
+        (truly sparse layers, ``trainer.sparse_kernels=true``: no ``(n_out, n_in)`` matrix); by default
+        :meth:`find` itself."""
+        return self.find(key, G, U, mask_flat, n)
+
     def find_scores(self, key: str, S: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
         """:meth:`find` from the ``(n_out, n_in)`` matrix ``S = metric.signed_scores(G, U)`` when the
         caller already holds it (only where :meth:`answers_from_scores`). For ``abs_ip`` (and no row
@@ -162,6 +169,18 @@ class BruteForceSearch(Search):
     def find(self, key, G, U, mask_flat, n):
         s = self.metric.exact(G, U).reshape(-1).masked_fill_(mask_flat != 0, _NEG_INF)
         return topk_indices(s, n)
+
+
+def keep_topn(best_v: Optional[torch.Tensor], best_f: Optional[torch.Tensor], v: torch.Tensor, f: torch.Tensor,
+              n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Running top-``n`` over blocks: the ``n`` largest of the kept ``(best_v, best_f)`` (None at the first
+    block) and a block's scores ``v`` at flat positions ``f``; returns the new kept pair (a set)."""
+    if best_v is not None:
+        v, f = torch.cat([best_v, v]), torch.cat([best_f, f])
+    if v.numel() > n:
+        v, top = torch.topk(v, n, sorted=False)
+        f = f[top]
+    return v, f
 
 
 def _k_per_query(k_similar: float, n_out: int) -> int:
@@ -389,6 +408,31 @@ class FaissSearch(Search):
             S = S.to(mask_flat.device)
         return per_query_topn(S, self.metric.signs, k, mask_flat, n, hint=self._hints.setdefault(key, {}),
                               abs_buf=self._abs_buffer(key, S))
+
+    def find_bounded(self, key, G, U, mask_flat, n, block_elements):
+        """The flat-index search over blocks of queries (columns ``i`` of ``S = signed_scores(G, U)``): a
+        query's top-k list lies inside its block, so each block's best ``n`` growable listed pairs
+        (:func:`per_query_topn` on ``S[:, c0:c1]``) hold every pair of the global answer in that block,
+        and the best ``n`` of their union (by the lists' score, ``|S|`` for two signs) is :meth:`find`'s
+        set up to ties. At most ``n_out * max(1, block_elements // n_out)`` scores exist at once; no
+        product buffer is kept. Other metrics: :meth:`find`."""
+        n_out, n_in = G.shape[1], U.shape[1]
+        cols = max(1, int(block_elements) // max(1, n_out))
+        if not self.answers_from_scores() or cols >= n_in:
+            return self.find(key, G, U, mask_flat, n)
+        k = _k_per_query(self.k_similar, n_out)
+        M = mask_flat.view(n_out, n_in)
+        best_v = best_f = None
+        for c0 in range(0, n_in, cols):
+            c1 = min(n_in, c0 + cols)
+            S = self.metric.signed_scores(G.detach(), U[:, c0:c1].detach()).float().to(mask_flat.device)
+            got = per_query_topn(S, self.metric.signs, k, M[:, c0:c1].reshape(-1), n,
+                                 hint=self._hints.setdefault(f"{key}/{c0}", {})).to(mask_flat.device)
+            v = S.reshape(-1)[got]
+            v = v.abs() if len(self.metric.signs) == 2 else v
+            f = (got // (c1 - c0)) * n_in + c0 + got % (c1 - c0)
+            best_v, best_f = keep_topn(best_v, best_f, v, f, n)
+        return best_f
 
     def find_index(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
         """The search through the faiss library's index of the metric (:meth:`SimilarityMetric.index`):
