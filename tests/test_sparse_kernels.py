@@ -250,3 +250,23 @@ def test_memory_and_cache_follow_the_structure(backend):
     assert fresh.col.dtype == torch.int16
     torch.testing.assert_close(fresh.dense_weight(), layer.dense_weight())
     torch.testing.assert_close(fresh(x), layer(x))
+
+
+@pytest.mark.skipif("sparseprop" not in available_kernels(), reason="sparseprop not installed")
+def test_sparseprop_small_rows_run_on_one_thread_and_restore_the_setting():
+    g = torch.Generator().manual_seed(2)
+    mask = _random_mask((50, 40), 0.05, g)  # 2 weights per row x batch 8: far below MIN_WORK_PER_ROW
+    layer = SparseTrainLinear(torch.randn(50, 40, generator=g) * mask, mask, None, kernels="sparseprop")
+    assert layer.nnz * 8 < layer.kernels.MIN_WORK_PER_ROW * 50
+    seen = []
+    fused = layer.kernels._fused
+    layer.kernels._fused = lambda *a: (seen.append(torch.get_num_threads()), fused(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(8, 40, generator=g, requires_grad=True)
+        layer(x).sum().backward()
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert x.grad is not None and layer.values.grad is not None
