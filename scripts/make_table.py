@@ -26,12 +26,15 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="output directory (default results/, results/full/ with --full, "
                     "<tmp>/sparsebench-quick/ with --quick)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds overriding the spec's")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train nothing: build the CSV from the runs that have finished (the others are listed)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
     say = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        path = make_table(a.table_id, quick=a.quick, out_dir=a.out, extra=a.overrides, seeds=seeds, full=a.full, say=say)
+        path = make_table(a.table_id, quick=a.quick, out_dir=a.out, extra=a.overrides, seeds=seeds, full=a.full, say=say,
+                          finished_only=a.finished_only)
     except SparsebenchError as err:
         print(f"{err.prefix}: {err}", file=sys.stderr)
         return err.exit_code  # 2; 144 (submitit's requeue code) when stopped by SIGTERM / SIGUSR1

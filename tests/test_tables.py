@@ -6,7 +6,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from sparsebench.core.errors import ConfigError
+from sparsebench.core.errors import ConfigError, SparsebenchError
 from sparsebench.tables.runner import build_table, run_cells
 from sparsebench.tables.schema import TABLE_COLUMNS, check_table, rows
 from sparsebench.tables.spec import (MODES, cell_overrides, cell_seeds, expand, load_spec, mode_cells, read_spec,
@@ -154,10 +154,17 @@ def test_toy_table_end_to_end(tmp_path, monkeypatch):
             reported: {"dense lr=0.1": {test_acc: 0.9}}
         builder: toy_builder:build
         """))
-    lines = []
-    path = build_table(read_spec(tmp_path / "T-toy.yaml"), out_dir=tmp_path, extra=[f"out_dir={tmp_path / 'runs'}"],
-                       say=lines.append)
+    lines, extra = [], [f"out_dir={tmp_path / 'runs'}"]
+    with pytest.raises(SparsebenchError, match="not finished"):  # --finished-only trains nothing
+        build_table(read_spec(tmp_path / "T-toy.yaml"), out_dir=tmp_path, extra=extra, say=lines.append,
+                    finished_only=True)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/summary.csv"))
+    lines.clear()
+    path = build_table(read_spec(tmp_path / "T-toy.yaml"), out_dir=tmp_path, extra=extra, say=lines.append)
     df = pd.read_csv(path)
+    again = pd.read_csv(build_table(read_spec(tmp_path / "T-toy.yaml"), out_dir=tmp_path / "again", extra=extra,
+                                    say=lambda _: None, finished_only=True))
+    assert again["measured"].tolist() == df["measured"].tolist()
     assert list(df["setting"]) == ["dense lr=0.1", "dense lr=0.05"]
     assert df["reported"].iloc[0] == 0.9 and df["reported"].isna().iloc[1]
     assert df["measured"].between(0, 1).all() and (df["n_seeds"] == 1).all()

@@ -28,9 +28,21 @@ def progress_setting(overrides: Sequence[str]) -> Optional[bool]:
     return None
 
 
+def finished_summary(overrides: Sequence[str]) -> Optional[pd.DataFrame]:
+    """The stored summary of the run these overrides compose to, or None when it has not finished
+    (nothing is trained or locked)."""
+    from sparsebench.api import compose, config_hash, validate
+
+    cfg = validate(compose(list(overrides)))
+    path = Path(cfg.out_dir) / config_hash(cfg) / "summary.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seeds: Optional[List[int]] = None,
-              say: Callable[[str], None] = print) -> Tuple[pd.DataFrame, List[str]]:
-    """Execute every cell of ``spec`` in ``mode`` for each of its seeds (or ``seeds``).
+              say: Callable[[str], None] = print, finished_only: bool = False) -> Tuple[pd.DataFrame, List[str]]:
+    """Execute every cell of ``spec`` in ``mode`` for each of its seeds (or ``seeds``); with
+    ``finished_only`` train nothing and collect only the runs that have finished (the others are
+    returned as failed: "not finished").
 
     Returns the concatenated run summaries, with columns ``cell`` (index in the spec) and ``label``
     added, and the list of failed cells (``"overrides: error"``). Progress (``trainer.progress`` among
@@ -55,7 +67,9 @@ def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seed
                 if progress.bar is None:  # one line per cell without a bar
                     say(f"[{spec['id']}] cell {n}/{len(jobs)}: {cell.label} (seed {seed})")
                 try:
-                    df = execute(compose(ov), quiet=True)
+                    df = finished_summary(ov) if finished_only else execute(compose(ov), quiet=True)
+                    if df is None:
+                        raise SparsebenchError("not finished (--finished-only trains nothing)")
                 except Preempted:  # SIGTERM / SIGUSR1: stop the table (the cell resumes on the rerun)
                     raise
                 except SparsebenchError as err:
@@ -71,8 +85,10 @@ def run_cells(spec: dict, mode: str = "setting", extra: Sequence[str] = (), seed
 
 
 def build_table(spec: dict, mode: str = "setting", out_dir: Optional[Path] = None, extra: Sequence[str] = (),
-                seeds: Optional[List[int]] = None, say: Callable[[str], None] = print) -> Path:
+                seeds: Optional[List[int]] = None, say: Callable[[str], None] = print,
+                finished_only: bool = False) -> Path:
     """Run ``spec`` (a validated spec dict) in ``mode`` and write its CSV; returns the CSV path.
+    ``finished_only``: build it from the runs that have finished, training nothing (see :func:`run_cells`).
 
     The builder gets the spec with ``scale`` generated from the presets and ``cells`` (the
     :class:`~sparsebench.tables.spec.Cell` list of the mode) added.
@@ -81,7 +97,7 @@ def build_table(spec: dict, mode: str = "setting", out_dir: Optional[Path] = Non
         SparsebenchError: the spec has cells and every one of them failed (no CSV is written).
     """
     spec = {**describe(spec, mode), "cells": mode_cells(spec, mode)}
-    runs, failed = run_cells(spec, mode, extra=extra, seeds=seeds, say=say)
+    runs, failed = run_cells(spec, mode, extra=extra, seeds=seeds, say=say, finished_only=finished_only)
     if failed:
         say(f"{spec['id']}: {len(failed)} missing cell(s):")
         for f in failed:
@@ -94,7 +110,8 @@ def build_table(spec: dict, mode: str = "setting", out_dir: Optional[Path] = Non
 
 
 def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = None, extra: Sequence[str] = (),
-               seeds: Optional[List[int]] = None, full: bool = False, say: Callable[[str], None] = print) -> Path:
+               seeds: Optional[List[int]] = None, full: bool = False, say: Callable[[str], None] = print,
+               finished_only: bool = False) -> Path:
     """Run ``experiments/<table_id>.yaml`` in its document setting (``setting`` preset; CSV into
     ``results/``), as a quick smoke test (``quick``: CSV into ``<tmp>/sparsebench-quick/``, like its
     figures, so a smoke test never overwrites a real table) or in the document's full setting (``full``:
@@ -104,4 +121,5 @@ def make_table(table_id: str, quick: bool = False, out_dir: Optional[Path] = Non
     mode = "full" if full else "quick" if quick else "setting"
     out_dir = out_dir or (RESULTS / "full" if full else Path(tempfile.gettempdir()) / "sparsebench-quick" if quick
                           else None)
-    return build_table(load_spec(table_id), mode, out_dir=out_dir, extra=extra, seeds=seeds, say=say)
+    return build_table(load_spec(table_id), mode, out_dir=out_dir, extra=extra, seeds=seeds, say=say,
+                       finished_only=finished_only)

@@ -21,6 +21,7 @@ relative to the dense model, :mod:`sparsebench.sparsity.flops`), the hyper-param
 """
 from __future__ import annotations
 
+import re
 from typing import Dict
 
 import numpy as np
@@ -326,4 +327,52 @@ def orderings_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
         note = (f"{o['a']} {a.mean():.2f} vs {o['b']} {b.mean():.2f} ({unit}); " + describe(c, "a - b"))
         out.append(rows(spec, o["claim"], f"{metric}_diff", c["diffs"], o.get("reported", ""), cell_label="",
                         measure=measure, ordering_holds=c["verdict"], test=c["test"], note=note))
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- sparse mode (issue 14)
+_MODE = re.compile(r"\s*\[sparse_kernels=(\w+)\]$")
+
+
+def sparse_mode_table(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """T001-sparse-mode (issue 14): cells whose labels end in ``[sparse_kernels=False|True]`` are paired by
+    the rest of the label. Per pair: ``acc`` (%) of each mode, ``acc_diff`` sparse - masked (points, paired
+    by seed) with ``ordering_holds`` = "holds (identical on every seed)" when every seed's accuracy is the
+    same, else the verdict of two one-sided paired intervals with a 0.5-point margin, and ``time_ratio``
+    = sparse / masked training seconds per seed (``sparse_layers``: layers the sparse run converted).
+
+    Raises:
+        ValueError: a cell label without the ``[sparse_kernels=...]`` suffix, or a pair missing a mode."""
+    empty = pd.DataFrame(columns=["cell", "seed", "test_acc", "train_seconds"])
+    runs = runs if not runs.empty else empty
+    pairs: Dict[str, Dict[bool, object]] = {}
+    for c in spec["cells"]:
+        m = _MODE.search(c.label)
+        if not m:
+            raise ValueError(f"table {spec['id']}, cell '{c.label}': label must end in [sparse_kernels=...]")
+        pairs.setdefault(c.label[:m.start()], {})[m.group(1).lower() == "true"] = c
+    out = []
+    for base, modes in pairs.items():
+        if set(modes) != {False, True}:
+            raise ValueError(f"table {spec['id']}, '{base}': needs both sparse_kernels=false and true cells")
+        g = {mode: runs[runs["cell"] == cell.index] for mode, cell in modes.items()}
+        acc = {mode: pd.Series([100 * v for v in d["test_acc"]], index=list(d["seed"]), dtype=float) for mode, d in g.items()}
+        secs = {mode: pd.Series(list(d["train_seconds"]), index=list(d["seed"]), dtype=float) for mode, d in g.items()}
+        layers = _mean(g[True], "sparse_layers")
+        extra = {"pair": base, "sparse_layers": layers}
+        for mode, name in ((False, "masked"), (True, "sparse")):
+            out.append(rows(spec, f"{base}, {name}", "acc", acc[mode].tolist(), "", mode=name,
+                            time_per_epoch_s=_mean(g[mode], "time_per_epoch"), **extra))
+        j = pd.concat([acc[True].rename("s"), acc[False].rename("m")], axis=1, join="inner")
+        diffs = (j["s"] - j["m"]).tolist()
+        if diffs and all(abs(d) < 1e-9 for d in diffs):
+            verdict, test, note = "holds (identical on every seed)", "per-seed equality", "same accuracy on every seed"
+        else:
+            c = _ordering("equivalent", acc[True], acc[False], 0.5)
+            verdict, test, note = c["verdict"], c["test"], describe(c, "sparse - masked (points)")
+        out.append(rows(spec, f"{base}: sparse - masked", "acc_diff", diffs, "", mode="", ordering_holds=verdict,
+                        test=test, note=note, **extra))
+        jt = pd.concat([secs[True].rename("s"), secs[False].rename("m")], axis=1, join="inner")
+        out.append(rows(spec, f"{base}: sparse / masked time", "time_ratio", (jt["s"] / jt["m"]).tolist(), "", mode="",
+                        note=f"sparse {jt['s'].mean():.2f} s vs masked {jt['m'].mean():.2f} s training time", **extra))
     return pd.DataFrame(out)
