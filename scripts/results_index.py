@@ -81,8 +81,17 @@ def main() -> int:
         png = sorted((ROOT / "results").glob(f"{tid}*.png"))
         presets = " / ".join(str(p or "-") for p in (spec.get("setting"), spec.get("quick"),
                                                      (spec.get("full") or {}).get("preset")))
+        scale, setting = spec.get("scale", ""), spec.get("document_setting") or "not stated"
+        if csv.is_file():  # what the committed CSV was actually run at (a spec may be ahead of its CSV)
+            import pandas as pd
+
+            first = pd.read_csv(csv, nrows=1)
+            if len(first) and str(first["scale"].iloc[0]).split(" [experiment=")[0] != str(scale):
+                scale = f"spec: {scale}; **the committed CSV ran at: {str(first['scale'].iloc[0]).split(' [experiment=')[0]}**"
+            if "document_setting" in first and len(first):
+                setting = str(first["document_setting"].iloc[0])
         lines.append(f"| {tid} | {spec.get('what', '')} | {spec.get('dataset_used', '')} | {presets} | "
-                     f"{spec.get('scale', '')} | {spec.get('document_setting') or 'not stated'} | "
+                     f"{scale} | {setting} | "
                      f"{'[' + csv.name + '](' + csv.name + ')' if csv.is_file() else 'not generated yet'} | "
                      f"{', '.join('[' + p.name + '](' + p.name + ')' for p in png)} |")
     bench = sorted((ROOT / "results" / "bench").glob("*.txt"))
