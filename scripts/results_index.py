@@ -4,6 +4,8 @@ targets, CSV and what was actually run."""
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -82,13 +84,12 @@ def main() -> int:
         presets = " / ".join(str(p or "-") for p in (spec.get("setting"), spec.get("quick"),
                                                      (spec.get("full") or {}).get("preset")))
         scale, setting = spec.get("scale", ""), spec.get("document_setting") or "not stated"
-        if csv.is_file():  # what the committed CSV was actually run at (a spec may be ahead of its CSV)
-            import pandas as pd
-
-            first = pd.read_csv(csv, nrows=1)
-            if len(first) and str(first["scale"].iloc[0]).split(" [experiment=")[0] != str(scale):
-                scale = f"spec: {scale}; **the committed CSV ran at: {str(first['scale'].iloc[0]).split(' [experiment=')[0]}**"
-            if "document_setting" in first and len(first):
+        first = pd.read_csv(csv, nrows=1) if csv.is_file() else pd.DataFrame()
+        if len(first):  # what the committed CSV was actually run at (a spec may be ahead of its CSV)
+            ran = str(first["scale"].iloc[0]).split(" [experiment=")[0]  # without the preset's appended overrides
+            if ran != str(scale):
+                scale = f"spec: {scale}; **the committed CSV ran at: {ran}**"
+            if "document_setting" in first:
                 setting = str(first["document_setting"].iloc[0])
         lines.append(f"| {tid} | {spec.get('what', '')} | {spec.get('dataset_used', '')} | {presets} | "
                      f"{scale} | {setting} | "

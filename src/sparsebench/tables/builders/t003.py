@@ -41,6 +41,13 @@ def _early_stop(rg: pd.DataFrame) -> dict:
             "early_stop_test_acc": float(acc.mean()), "early_stop_test_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
 
 
+def _ticket_vs_dense(rg: pd.DataFrame, g: pd.DataFrame, col: str) -> dict:
+    """:func:`compare` of column ``col`` of a round's runs ``rg`` against the dense round 0 of the same cell
+    ``g``, paired by seed, with the claim's 1-point margin."""
+    pair = rg[["seed", col]].merge(g[g["round"] == 0][["seed", col]], on="seed", suffixes=("", "_dense"))
+    return compare(pair[col], pair[f"{col}_dense"], paired=True, margin=0.01)
+
+
 def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
     """T003-imp: one row per (schedule, round): test accuracy at that density; the schedule is the
     cell's label. The claim is checked at the round closest to 1.7% density: the ticket "matches" the
@@ -61,15 +68,10 @@ def t003_imp(spec: dict, runs: pd.DataFrame) -> pd.DataFrame:
             if rnd == closest and rnd != 0 and abs(density - 0.017) < 0.01:
                 acc = float(rg["test_acc"].mean())
                 reported = "matches dense at about 1.7% of the weights"
-                pair = rg[["seed", "test_acc"]].merge(g[g["round"] == 0][["seed", "test_acc"]], on="seed",
-                                                      suffixes=("", "_dense"))
-                c = compare(pair["test_acc"], pair["test_acc_dense"], paired=True, margin=0.01)
+                c = _ticket_vs_dense(rg, g, "test_acc")
                 extra.update(claim_holds=c["verdict"], test=f"{c['test']} (ticket - dense > -0.01)")
                 if "early_stop_test_acc" in g:  # Frankle & Carbin compare at the early-stopping iteration
-                    es = rg[["seed", "early_stop_test_acc"]].merge(
-                        g[g["round"] == 0][["seed", "early_stop_test_acc"]], on="seed", suffixes=("", "_dense"))
-                    ce = compare(es["early_stop_test_acc"], es["early_stop_test_acc_dense"], paired=True, margin=0.01)
-                    extra.update(claim_holds_at_early_stop=ce["verdict"])
+                    extra.update(claim_holds_at_early_stop=_ticket_vs_dense(rg, g, "early_stop_test_acc")["verdict"])
                 extra["note"] = (f"dense {dense_acc:.4f} vs ticket {acc:.4f} at density {density:.4f}; "
                                  + describe(c, "ticket - dense"))
             out.append(rows(spec, f"{schedule}, round {int(rnd)}, density {density:.4f}", "test_acc",
