@@ -185,3 +185,29 @@ def test_numpy_rows_backend_is_the_exact_graph():
     np.testing.assert_array_equal(np.sort(a.indices, 1), np.sort(b.indices, 1))
     np.testing.assert_allclose(np.sort(a.distances, 1), np.sort(b.distances, 1), rtol=1e-5, atol=1e-5)
     assert not (a.indices == np.arange(300)[:, None]).any()  # self excluded
+
+
+@pytest.mark.parametrize("n,k,tile_cols,block_size", [(3001, 10, 512, 256), (2600, 10, 4096, 512), (4100, 5, 1024, 700)])
+def test_tiled_brute_is_the_exact_graph(n, k, tile_cols, block_size):
+    """The tiled CPU path (group minima per cache-sized tile, candidates recomputed) finds the true k
+    nearest neighbours: equal to a float64 oracle, with a partial last tile, row blocks that straddle
+    tiles, and an exact duplicate (whose twin is its nearest neighbour, itself excluded)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    x[7] = x[n - 3]
+    b = make_backend("brute", tile_cols=tile_cols, block_size=block_size)
+    assert n >= 16 * k * b.group  # the tiled path is the one under test
+    g = knn_graph(x, k, "brute", tile_cols=tile_cols, block_size=block_size)
+    x64 = x.astype(np.float64)
+    d2 = (x64 ** 2).sum(1)[:, None] - 2 * x64 @ x64.T + (x64 ** 2).sum(1)[None, :]
+    np.fill_diagonal(d2, np.inf)
+    oracle = np.sort(d2, 1)[:, :k]
+    np.testing.assert_allclose(g.distances, np.sqrt(np.maximum(oracle, 0)), rtol=1e-4, atol=1e-4)
+    assert not (g.indices == np.arange(n)[:, None]).any()
+    assert g.indices[7, 0] == n - 3 and g.indices[n - 3, 0] == 7
+    picked = np.take_along_axis(d2, g.indices, 1)
+    np.testing.assert_allclose(picked, oracle, rtol=1e-4, atol=1e-3)  # the true neighbours, up to ties
+    q = rng.normal(size=(50, 12)).astype(np.float32)
+    dq, iq, _, _ = knn_search(x, q, k, "brute", tile_cols=tile_cols, block_size=block_size)
+    dq64 = ((q.astype(np.float64)[:, None, :] - x64[None]) ** 2).sum(2)
+    np.testing.assert_allclose(dq, np.sqrt(np.sort(dq64, 1)[:, :k]), rtol=1e-4, atol=1e-4)
