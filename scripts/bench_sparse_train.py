@@ -12,7 +12,7 @@ Variants, interleaved over ``--reps`` repetitions after one warm-up step each (m
 * ``dense``: plain ``nn.Linear``; ``masked``: ``nn.Linear`` + :class:`Masking` attached (the framework's
   masked mode); ``ours``: :func:`sparsify_for_training` with its defaults: backend ``auto``
   (:func:`sparsebench.sparsity.kernels.resolve_kernels`, printed in the header) and the per-layer
-  fallback (``max_density`` = 0.15: layers above it stay masked-dense);
+  fallback (``max_density = default_max_density(batch)``, 0.15 up to batch 128, 0.053 at 1024: denser layers stay masked-dense);
 * the libraries, every layer sparse: ``torch_csr`` (:class:`SparseTrainLinear` forced onto the torch CSR
   backend: ``torch.sparse.mm`` + ``sampled_addmm``, cached transpose), ``sparseprop``
   (``sparseprop.modules.SparseLinear.from_dense``) and ``sparselab`` (``sparselab.SparseLinear`` at the
@@ -52,14 +52,14 @@ DENSITIES = (0.5, 0.1, 0.05, 0.01)
 BATCHES = (100, 1024)
 
 
-def build(dims, density, variant, seed=0):
+def build(dims, density, variant, seed=0, batch=100):
     """``(model, optimizer)`` of ``variant`` for an MLP of layer widths ``dims``."""
     import torch
     from torch import nn
 
     from sparsebench.sparsity.masking import Masking
     from sparsebench.sparsity.selection import num_to_keep, topk_mask
-    from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY, sparsify_for_training
+    from sparsebench.sparsity.sparse_linear import default_max_density, sparsify_for_training
 
     torch.manual_seed(seed)
     if variant == "sparselab":
@@ -88,7 +88,7 @@ def build(dims, density, variant, seed=0):
                 model[i] = SparseLinear.from_dense(m)
         masking = None
     elif variant == "ours":
-        masking = sparsify_for_training(model, masking, max_density=DEFAULT_MAX_DENSITY).masking
+        masking = sparsify_for_training(model, masking, max_density=default_max_density(batch)).masking
     elif variant == "torch_csr":
         masking = sparsify_for_training(model, masking, max_density=1.0, kernels="torch_csr").masking
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -141,7 +141,7 @@ def worker(threads, reps, full, libs, models, batches):
                     if v in libs and d == 0.5 and mname == "wide" and not full:
                         continue
                     try:
-                        variants[(v, d)] = build(dims, d, v)
+                        variants[(v, d)] = build(dims, d, v, batch=batch)
                     except Exception as err:  # a library that does not build here: say why
                         rows.append({"model": mname, "batch": batch, "threads": threads, "variant": v,
                                      "density": d, "error": f"{type(err).__name__}: {err}"[:120]})
@@ -373,12 +373,13 @@ def main():
     import torch
 
     from sparsebench.sparsity.kernels import resolve_kernels
-    from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY
+    from sparsebench.sparsity.sparse_linear import default_max_density
 
     t0 = time.time()
     rows, head = [], [f"bench_sparse_train: torch {torch.__version__}, {os.cpu_count()} CPUs, optimizer SGD momentum 0.9, "
                       f"ours: backend {resolve_kernels('auto')} (kernels 'auto'), layers above density "
-                      f"{DEFAULT_MAX_DENSITY} masked-dense; libraries: {', '.join(libs)}; "
+                      f"default_max_density(batch) ({default_max_density(100):.3f} at batch 100, "
+                      f"{default_max_density(1024):.3f} at 1024) masked-dense; libraries: {', '.join(libs)}; "
                       f"load average before {os.getloadavg()}"]
     for th in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(th), MKL_NUM_THREADS=str(th))

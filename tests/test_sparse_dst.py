@@ -290,14 +290,26 @@ def test_a_callback_without_sparse_support_is_refused():
         Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking, callbacks=[Callback()])
 
 
-@pytest.mark.parametrize("limit", [None, 0.2, 1.0])
-def test_sparse_max_density_chooses_the_layers_trained_sparse(limit):
-    from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY
+def test_default_max_density_falls_with_the_batch_size():
+    from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY, default_max_density
 
-    converted = [n for n, d in DENSITIES.items() if d <= (DEFAULT_MAX_DENSITY if limit is None else limit)]
+    assert default_max_density(1) == default_max_density(128) == DEFAULT_MAX_DENSITY == 0.15
+    assert default_max_density(512) == pytest.approx(0.075)
+    assert default_max_density(1024) == pytest.approx(0.15 / 8 ** 0.5)  # 0.053: a 0.1 layer stays masked-dense
+    with pytest.raises(ValueError, match="batch_size=0"):
+        default_max_density(0)
+
+
+@pytest.mark.parametrize("limit,batch", [(None, 32), (None, 1024), (0.2, 32), (1.0, 1024)])
+def test_sparse_max_density_chooses_the_layers_trained_sparse(limit, batch):
+    from sparsebench.sparsity.sparse_linear import default_max_density
+
+    converted = [n for n, d in DENSITIES.items() if d <= (default_max_density(batch) if limit is None else limit)]
+    assert converted == {(None, 32): ["layers.0.weight"], (None, 1024): [], (0.2, 32): ["layers.0.weight", "layers.2.weight"],
+                         (1.0, 1024): list(DENSITIES)}[(limit, batch)]
     model, masking = masked_mlp()  # densities 0.1, 0.2, 0.8
     upd = updater(masking, "set")
-    cfg = TrainerConfig(iterations=4, batch_size=32, device="cpu", sparse_kernels=True, sparse_max_density=limit)
+    cfg = TrainerConfig(iterations=4, batch_size=batch, device="cpu", sparse_kernels=True, sparse_max_density=limit)
     tr = Trainer(cfg, model, gaussian_bundle(), torch.device("cpu"), masking=masking, callbacks=[upd])
     assert list(tr.sparse.sparse) == converted
     assert [n for n, t in upd.layers.items() if t.is_sparse] == converted  # the rest updates masked-dense

@@ -108,7 +108,8 @@ class TrainerConfig:
     progress: Optional[bool] = None  # tqdm progress bar; null = on when stderr is a terminal
     sparse_kernels: bool = False  # issue 14: masked nn.Linear -> truly sparse layers (sparsity/sparse_linear.py)
     # issue 14: with sparse_kernels, layers at or below this density go sparse, denser ones stay masked-dense
-    # (null = the measured break-even of sparsity.sparse_linear.DEFAULT_MAX_DENSITY; 1.0 = every masked layer)
+    # (null = the measured break-even for the batch size, sparsity.sparse_linear.default_max_density: 0.15 up to
+    # batch 128, 0.053 at 1024; 1.0 = every masked layer)
     sparse_max_density: Optional[float] = None
     # issue 16: at the end of fit, restore the weights (and masks) of the evaluated epoch with the lowest loss on
     # this split (val | test; null = keep the last epoch), e.g. document 002's best-validation-loss model

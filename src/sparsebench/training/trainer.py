@@ -40,8 +40,8 @@ class Trainer:
             torchrun (process group joined) the model is wrapped in DistributedDataParallel.
         data: in-memory dataset; moved to the device when ``cfg.data_on_device``.
         masking: optional; attached to the optimizer so pruned weights stay exactly zero. Under
-            ``cfg.sparse_kernels`` its Linear layers of density at most ``cfg.sparse_max_density`` (None:
-            the measured break-even) are first converted to truly sparse layers
+            ``cfg.sparse_kernels`` its Linear layers of density at most ``cfg.sparse_max_density`` (None: the
+            break-even measured for ``cfg.batch_size``, ``default_max_density``) are first converted to truly sparse layers
             (:func:`~sparsebench.sparsity.sparse_linear.sparsify_for_training`; ``self.sparse``) and only
             the ones left masked-dense stay in ``self.masking``.
         callbacks: strategy hooks (see :class:`Callback`). Under ``cfg.sparse_kernels`` each must define
@@ -74,7 +74,7 @@ class Trainer:
         self.sparse = None  # issue 14: masked Linear layers trained truly sparse (trainer.sparse_kernels)
         if cfg.sparse_kernels and masking is not None:
             from sparsebench.core.errors import ConfigError
-            from sparsebench.sparsity.sparse_linear import sparsify_for_training
+            from sparsebench.sparsity.sparse_linear import default_max_density, sparsify_for_training
 
             callbacks = list(callbacks)
             refused = [type(cb).__name__ for cb in callbacks if not hasattr(cb, "adopt_sparse_layers")]
@@ -82,8 +82,8 @@ class Trainer:
                 raise ConfigError(f"trainer.sparse_kernels=true: {', '.join(refused)} would act on the replaced "
                                   f"dense layers (only callbacks with adopt_sparse_layers, such as the dynamic "
                                   f"sparse updater, run in this mode); set trainer.sparse_kernels=false")
-            limit = {} if cfg.sparse_max_density is None else {"max_density": float(cfg.sparse_max_density)}
-            self.sparse = sparsify_for_training(self.model, masking, **limit)  # per layer: sparse up to this density
+            limit = default_max_density(cfg.batch_size) if cfg.sparse_max_density is None else cfg.sparse_max_density
+            self.sparse = sparsify_for_training(self.model, masking, max_density=float(limit))  # per layer
             masking = self.sparse.masking  # the layers that stayed masked-dense (or None)
             for cb in callbacks:  # e.g. DSTUpdater: update the converted layers through their sparse storage
                 cb.adopt_sparse_layers(self.sparse)
