@@ -270,3 +270,40 @@ def test_sparseprop_small_rows_run_on_one_thread_and_restore_the_setting():
     finally:
         torch.set_num_threads(before)
     assert x.grad is not None and layer.values.grad is not None
+
+
+def test_update_topology_merges_sorted_and_refuses_bad_edits():
+    """A topology update keeps the row-major value order without re-sorting (``from_flat(is_sorted=True)``),
+    moves kept values with their momentum, zeroes grown ones, and refuses a grow onto a kept active
+    position, a repeated drop slot and mismatched lengths with ValueError."""
+    from sparsebench.sparsity.sparse_linear import SparseTrainLinear
+
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(7, 9, generator=g) < 0.3).float()
+    w = torch.randn(7, 9, generator=g) * mask
+    layer = SparseTrainLinear(w, mask, None, kernels="torch_csr")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(4, 9, generator=g)).sum().backward()
+    opt.step()
+    before = dict(zip(layer.structure.flat().tolist(), layer.values.detach().tolist()))
+    mom = dict(zip(layer.structure.flat().tolist(), opt.state[layer.values]["momentum_buffer"].tolist()))
+    flat = layer.structure.flat()
+    inactive = torch.tensor([p for p in range(63) if p not in set(flat.tolist())])
+    drop, grow = torch.tensor([0, 3]), inactive[[1, -1]]
+    with pytest.raises(ValueError):
+        layer.update_topology(drop, flat[[5, 6]], opt)  # onto kept active positions
+    with pytest.raises(ValueError):
+        layer.update_topology(torch.tensor([1, 1]), grow, opt)
+    with pytest.raises(ValueError):
+        layer.update_topology(drop, grow[:1], opt)
+    layer.update_topology(drop, grow, opt)
+    new = layer.structure.flat()
+    assert bool((new[1:] > new[:-1]).all()) and new.numel() == flat.numel()
+    dropped, grown = set(flat[drop].tolist()), set(grow.tolist())
+    assert set(new.tolist()) == (set(flat.tolist()) - dropped) | grown
+    vals = dict(zip(new.tolist(), layer.values.detach().tolist()))
+    m2 = dict(zip(new.tolist(), opt.state[layer.values]["momentum_buffer"].tolist()))
+    for p in new.tolist():
+        assert vals[p] == (0.0 if p in grown else before[p]) and m2[p] == (0.0 if p in grown else mom[p])
+    with pytest.raises(ValueError, match="ascending"):
+        CSRStructure.from_flat(torch.tensor([4, 2]), (2, 3), is_sorted=True)

@@ -209,10 +209,10 @@ class SparseTrainLinear(nn.Module):
         # merge the kept positions (still sorted) with the sorted grown ones: O(nnz log n), no sort of nnz
         kept_flat, grow_sorted = s.flat()[keep], torch.sort(grow).values
         at_kept = torch.arange(keep.numel(), device=dev) + torch.searchsorted(grow_sorted, kept_flat)
-        at_grow = torch.arange(n, device=dev) + torch.searchsorted(kept_flat, grow_sorted)
+        at_grow = torch.arange(n, device=dev) + torch.searchsorted(kept_flat, grow_sorted, right=True)  # a clash stays two entries
         new_flat = torch.empty(self.nnz, dtype=torch.long, device=dev)
         new_flat[at_kept], new_flat[at_grow] = kept_flat, grow_sorted
-        new_s = CSRStructure.from_flat(new_flat, s.shape)  # raises on duplicates; value order = sorted flat
+        new_s = CSRStructure.from_flat(new_flat, s.shape, is_sorted=True)  # merged: ascending; raises on duplicates
 
         def remap(t: torch.Tensor) -> None:  # kept values to their new slots, grown ones 0
             new = torch.zeros_like(t)
