@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["method=lth_imp", "method.rounds=3", "trainer.epochs=4", "model.hidden=[256,128]", "trainer.batch_size=16",
@@ -52,3 +53,38 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
 
     again = _run(out)  # a finished run is a no-op that reports the stored result
     assert "already finished" in again.stdout
+
+
+@pytest.mark.parametrize("prefix", ["round2/", ""])
+def test_rows_flushed_before_a_phases_first_checkpoint_are_not_logged_twice(tmp_path, prefix):
+    """The window of the SIGKILL test above that a loaded machine hits: a phase logs its first epoch's
+    evaluation, the checkpoint save flushes the metrics CSV, and the process dies before the checkpoint
+    file exists. The rerun finds the phase's rows on disk but no checkpoint: it must drop them and start
+    the phase over, ending with exactly the rows of an uninterrupted run."""
+    from sparsebench.config import TrainerConfig
+    from sparsebench.core.io import MetricsLog
+    from sparsebench.data import DataBundle, Split
+    from sparsebench.models import MLP
+    from sparsebench.training.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    data = DataBundle("toy", "tabular", Split(x, y), Split(x[:32], y[:32]), Split(x[32:], y[32:]), 3)
+    cfg = TrainerConfig(epochs=2, batch_size=16, device="cpu", checkpoint_every=1)
+
+    def run(d, metrics):
+        torch.manual_seed(0)
+        tr = Trainer(cfg, MLP(6, 3, hidden=[8]), data, torch.device("cpu"), metrics=metrics, prefix=prefix,
+                     checkpoint=str(d / "phase.pt"), seed=0)
+        tr.fit()
+        metrics.flush()
+        return pd.read_csv(metrics.path)
+
+    ref = run(tmp_path, MetricsLog(tmp_path / "ref.csv"))
+    first_epoch = ref[ref.step == ref.step.min()]
+    assert len(first_epoch) >= 5 and (prefix == "" or first_epoch.name.str.startswith(prefix).all())
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    first_epoch.to_csv(killed / "metrics.csv", index=False)  # flushed, and no checkpoint file
+    again = run(killed, MetricsLog(killed / "metrics.csv", resume=True))
+    pd.testing.assert_frame_equal(ref, again)

@@ -248,7 +248,9 @@ class Trainer:
         existed = any(p.is_file() for p in (Path(self.checkpoint), previous_path(self.checkpoint)))
         state = load_torch(self.checkpoint, map_location=self.device) if existed else None
         if state is None:
-            if existed and self.metrics is not None:
+            # rows of this phase on disk without a checkpoint (a kill between the metrics flush and the
+            # phase's first checkpoint, or an unreadable one) would be logged twice: drop them
+            if self.metrics is not None:
                 keep = (lambda r: not r[1].startswith(self.prefix)) if self.prefix else (lambda r: r[0] <= self.step)
                 self.metrics.rows[:] = [r for r in self.metrics.rows if keep(r)]
             return False
