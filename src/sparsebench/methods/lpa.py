@@ -64,7 +64,7 @@ class LPAConfig(MethodConfig):
     cg_rtol: float = 1e-4  # cg: relative residual target
     weighting: str = "binary"  # binary (the document) | heat (exp(-d^2 / sigma_i sigma_j), local bandwidth)
     heat_neighbor: int = 7  # heat: sigma_i = distance to this neighbour (Zelnik-Manor & Perona 2004)
-    block_size: Optional[int] = None  # brute: query rows per block (null: 512 rows x 4096-column tiles on CPU)
+    block_size: Optional[int] = None  # brute: query rows per block (null: 512-row x 4096-column tiles on CPU, 128 MiB on CUDA)
     num_threads: Optional[int] = None  # faiss / numba / torch threads (null: library defaults)
     log_iterations: bool = True  # write the per-iteration residual to metrics.csv
 
