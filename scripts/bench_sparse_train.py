@@ -57,8 +57,8 @@ def build(dims, density, variant, seed=0, batch=100):
     import torch
     from torch import nn
 
+    from sparsebench.sparsity.distributions import layer_counts, random_masks
     from sparsebench.sparsity.masking import Masking
-    from sparsebench.sparsity.selection import num_to_keep, topk_mask
     from sparsebench.sparsity.sparse_linear import default_max_density, sparsify_for_training
 
     torch.manual_seed(seed)
@@ -77,9 +77,8 @@ def build(dims, density, variant, seed=0, batch=100):
     masking = None
     if variant != "dense":
         masking = Masking(model)
-        g = torch.Generator().manual_seed(seed)
-        for name, w, _ in masking.items():
-            masking.set_mask(name, topk_mask(torch.rand(w.shape, generator=g), num_to_keep(w.numel(), density)))
+        masking.set_masks(random_masks(masking, layer_counts(masking, density, "uniform"),
+                                       torch.Generator().manual_seed(seed)))
     if variant == "sparseprop":
         from sparseprop.modules import SparseLinear
 
@@ -188,8 +187,8 @@ def grow_rows(threads, reps, models=("wide", "fc5")):
     from sparsebench.dst.grow import GROW_CRITERIA
     from sparsebench.dst.updater import DSTUpdater
     from sparsebench.models import MLP
+    from sparsebench.sparsity.distributions import layer_counts, random_masks
     from sparsebench.sparsity.masking import Masking
-    from sparsebench.sparsity.selection import num_to_keep, topk_mask
     from sparsebench.training.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -205,9 +204,7 @@ def grow_rows(threads, reps, models=("wide", "fc5")):
             torch.manual_seed(0)
             model = MLP(dims[0], dims[-1], hidden=dims[1:-1])
             masking = Masking(model)
-            gm = torch.Generator().manual_seed(0)
-            for name, w, _ in masking.items():
-                masking.set_mask(name, topk_mask(torch.rand(w.shape, generator=gm), num_to_keep(w.numel(), 0.01)))
+            masking.set_masks(random_masks(masking, layer_counts(masking, 0.01, "uniform"), torch.Generator().manual_seed(0)))
             callbacks, upd = [], None
             if search is not None:
                 crit = GROW_CRITERIA.get("similarity")(torch.Generator().manual_seed(1), metric="abs_ip",

@@ -123,11 +123,12 @@ class CSRStructure:
         flat = flat.to(torch.int64)
         if not is_sorted:
             flat = torch.sort(flat).values
-        elif flat.numel() > 1 and bool((flat[1:] < flat[:-1]).any()):
+        step = flat[1:] - flat[:-1]  # one pass gives both checks: < 0 unsorted, == 0 a duplicate
+        if is_sorted and bool((step < 0).any()):
             raise ValueError("from_flat(is_sorted=True): positions are not in ascending order")
         if flat.numel() and (flat[0] < 0 or flat[-1] >= out * inp):
             raise ValueError(f"positions out of range for a weight of shape {(out, inp)}")
-        if flat.numel() > 1 and bool((flat[1:] == flat[:-1]).any()):
+        if bool((step == 0).any()):
             raise ValueError("duplicate positions in a sparse structure")
         if flat.numel() >= 2 ** 31:
             raise ValueError(f"{flat.numel()} active weights: int32 row pointers hold at most 2**31 - 1")
