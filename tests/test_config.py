@@ -37,6 +37,7 @@ def test_every_dataset_model_combination_composes(dataset, model):
     (["trainer.optimizer=adagrad"], "trainer.optimizer"),
     (["trainer.batch_size=0"], "trainer.batch_size"),
     (["dataset.val_fraction=1.0"], "dataset.val_fraction"),
+    (["trainer.sparse_backend=cusparse_lt"], "trainer.sparse_backend"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -126,3 +127,12 @@ def test_cli_prints_one_line_and_exits_2(args, needle, tmp_path):
     lines = [line for line in p.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_sparse_backend_that_cannot_run_here_fails_naming_the_key(monkeypatch):
+    from sparsebench.sparsity.kernels import KERNELS
+
+    assert validate(compose(["trainer.sparse_backend=torch_csr"])).trainer.sparse_backend == "torch_csr"
+    monkeypatch.setitem(KERNELS.meta("sparseprop"), "available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.sparse_backend=sparseprop: cannot run here"):
+        validate(compose(["trainer.sparse_backend=sparseprop"]))

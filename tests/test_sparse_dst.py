@@ -294,8 +294,9 @@ def test_default_max_density_falls_with_the_batch_size():
     from sparsebench.sparsity.sparse_linear import DEFAULT_MAX_DENSITY, default_max_density
 
     assert default_max_density(1) == default_max_density(128) == DEFAULT_MAX_DENSITY == 0.15
-    assert default_max_density(512) == pytest.approx(0.075)
-    assert default_max_density(1024) == pytest.approx(0.15 / 8 ** 0.5)  # 0.053: a 0.1 layer stays masked-dense
+    assert default_max_density(512) == pytest.approx(0.15 * 0.25 ** 0.15)  # 0.122
+    assert default_max_density(1024) == pytest.approx(0.15 / 8 ** 0.15)  # 0.110: a 0.1 layer converts, 0.2 does not
+    assert default_max_density(4096) < 0.1 < default_max_density(1024)
     with pytest.raises(ValueError, match="batch_size=0"):
         default_max_density(0)
 
@@ -305,7 +306,7 @@ def test_sparse_max_density_chooses_the_layers_trained_sparse(limit, batch):
     from sparsebench.sparsity.sparse_linear import default_max_density
 
     converted = [n for n, d in DENSITIES.items() if d <= (default_max_density(batch) if limit is None else limit)]
-    assert converted == {(None, 32): ["layers.0.weight"], (None, 1024): [], (0.2, 32): ["layers.0.weight", "layers.2.weight"],
+    assert converted == {(None, 32): ["layers.0.weight"], (None, 1024): ["layers.0.weight"], (0.2, 32): ["layers.0.weight", "layers.2.weight"],
                          (1.0, 1024): list(DENSITIES)}[(limit, batch)]
     model, masking = masked_mlp()  # densities 0.1, 0.2, 0.8
     upd = updater(masking, "set")

@@ -68,6 +68,18 @@ def _check_model(groups: dict) -> None:
     check_model_fits_dataset(groups["model"], groups["dataset"])
 
 
+def _check_sparse_backend(groups: dict) -> None:
+    """``trainer.sparse_backend`` names a registered kernels backend that can run here, or ``auto``."""
+    from sparsebench.core.errors import ConfigError
+    from sparsebench.sparsity.kernels import KERNELS, resolve_kernels
+
+    name = str(groups["trainer"].sparse_backend)
+    resolve_kernels(name)
+    if name != "auto" and not KERNELS.meta(name)["available"]():
+        raise ConfigError(f"trainer.sparse_backend={name}: cannot run here ({KERNELS.meta(name)['description']}); "
+                          f"use auto")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Validate a composed config against the schemas and the registries; returns it typed and complete.
 
@@ -83,7 +95,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     from sparsebench.data.augment import check_augment
 
     return validation.validate(cfg, method_schemas=METHODS, registries=_registries(),
-                               checks=(_check_model, check_augment))
+                               checks=(_check_model, check_augment, _check_sparse_backend))
 
 
 def register_schemas() -> None:

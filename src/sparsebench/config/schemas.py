@@ -109,8 +109,11 @@ class TrainerConfig:
     sparse_kernels: bool = False  # issue 14: masked nn.Linear -> truly sparse layers (sparsity/sparse_linear.py)
     # issue 14: with sparse_kernels, layers at or below this density go sparse, denser ones stay masked-dense
     # (null = the measured break-even for the batch size, sparsity.sparse_linear.default_max_density: 0.15 up to
-    # batch 128, 0.053 at 1024; 1.0 = every masked layer)
+    # batch 128, 0.11 at 1024; 1.0 = every masked layer)
     sparse_max_density: Optional[float] = None
+    # issue 14: product backend of the sparse layers (sparsity.kernels.KERNELS: native, sparseprop, torch_csr; auto =
+    # the first of them that runs here)
+    sparse_backend: str = "auto"
     # issue 16: at the end of fit, restore the weights (and masks) of the evaluated epoch with the lowest loss on
     # this split (val | test; null = keep the last epoch), e.g. document 002's best-validation-loss model
     restore_best: Optional[str] = None

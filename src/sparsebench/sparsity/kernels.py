@@ -40,9 +40,14 @@ sparseprop's fused CSR kernel ``sparse_linear_vectorized_backward`` (AVX2 + Open
 memory target holds. On ``(in, B)`` feature-major activations, i.e. the transposed views above, it
 copies nothing. CPU float32 only; other devices / dtypes run the ``torch_csr`` products.
 
-A small compiled kernel of our own (AVX-512, register-blocked over the batch, transpose-free) was
-measured against these on this machine (2 shared cores): 1.0-1.5x the best library per product,
-slower at batch 1024, so it is not kept (issue 14: our own kernel only where >= 1.5x faster).
+``native`` (ours; first in :data:`AUTO_ORDER` wherever it builds: AVX-512 and a C++ compiler,
+:mod:`sparsebench.sparsity.native`): compiled AVX-512 kernels on the same lean layout, transpose-free
+at batch <= 256 (a fused scatter backward) and with a per-call counting-sort transpose above (see
+:class:`NativeKernels`). Measured in ``results/bench/sparse_train.txt``: per training step >= 1.5x
+faster than the transpose-free library backend at batch 100 (sparseprop: wide MLP at 1%, 1 thread,
+12.5 vs 19.1 ms before this backend), and as fast as torch CSR with its cached transpose or faster in
+most rows, at 1.2 instead of 1.75-1.8 x density x dense memory. Where the library cannot be built,
+``auto`` falls back to sparseprop, then torch CSR.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from sparsebench.core.threads import scoped_threads
 
 KERNELS: Registry = Registry("trainer.sparse_backend")
 DEFAULT_KERNELS = "auto"
-AUTO_ORDER = ("sparseprop", "torch_csr")  # "auto" takes the first available (transpose-free first)
+AUTO_ORDER = ("native", "sparseprop", "torch_csr")  # "auto" takes the first available (transpose-free first)
 INT16_MAX_IN = 32767  # col is int16 while every column index fits
 
 
@@ -319,6 +324,139 @@ class SparsePropKernels(TorchCSRKernels):
         with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
             self._fused(x_t.detach(), s.crow, s.col32(), values.detach(), dy_t.detach(), dx_t, dv)
         return dx_t.t(), (dv if need_dv else None)
+
+
+def _native_available() -> bool:
+    from sparsebench.sparsity import native
+
+    return native.available()
+
+
+def _feature_major(t: torch.Tensor) -> torch.Tensor:
+    """``(B, f) -> (f, B)`` with unit stride along the batch: a view when ``t`` is a transposed
+    ``(f, B)`` tensor (the layout these backends return), else a copy."""
+    tt = t.detach().t()
+    return tt if tt.stride(1) == 1 and tt.stride(0) >= max(1, tt.shape[1]) else tt.contiguous()
+
+
+@KERNELS.register("native", available=_native_available,
+                  description="our AVX-512 CSR kernels (sparsity/csrc/csr_linear.cpp, built on first use): "
+                              "gather forward, fused transpose-free scatter backward + SDDMM")
+class NativeKernels(TorchCSRKernels):
+    """Our own compiled CSR kernels (:mod:`sparsebench.sparsity.native`), transpose-free like
+    ``sparseprop`` and as lean in memory (only ``crow`` + ``col``), on feature-major ``(f, B)``
+    activations with the batch as the 16-float AVX-512 vector axis:
+
+    * forward: one output row per task, ``y^T[i] = sum_k v_k x^T[col_k]`` (a gather, OpenMP over rows);
+    * backward up to batch :attr:`SMALL_BATCH`: one pass over the rows of ``W`` that scatters
+      ``v_k dy^T[i]`` into ``dx^T[col_k]`` and takes the dot product ``<dy^T[i], x^T[col_k]>`` for ``dv_k``
+      (OpenMP over batch chunks of whole vectors, each thread with its own ``dv`` partial; ``dx`` rows are
+      padded to cache lines so threads never share one);
+    * backward above it: ``W^T`` is built for the call by a counting sort (O(nnz + in),
+      :meth:`transposed_workspace`: 12 bytes per active weight, freed when the call returns, never kept
+      between steps, so the state stays at ``crow`` + ``col``), ``dx`` is the forward's gather over it and
+      ``dv`` a row-parallel SDDMM: at batch 1024 the scatter's working set no longer fits the cache;
+    * the weight-only gradient (a first layer): the row-parallel SDDMM.
+
+    Kept because it is measured >= 1.5x faster per training step than the transpose-free library
+    backend (sparseprop) on the benchmark's batch-100 shapes, at the same memory
+    (``results/bench/sparse_train.txt``, issue 14's rule for an own kernel); torch CSR is faster on
+    some shapes only through its cached transposed structure (1.75x memory). Chunk widths (batch columns
+    per register block) were chosen by measurement on this machine: :attr:`FWD_CHUNK`, and
+    :attr:`BWD_CHUNK` up to batch :attr:`SMALL_BATCH`, :attr:`BWD_CHUNK_LARGE` above. Tensors off the
+    CPU or not float32 take the ``torch_csr`` products. Results are deterministic for a given thread
+    count (fixed summation order).
+
+    Raises:
+        ImportError: the library cannot be built or loaded here (the reason from
+            :func:`sparsebench.sparsity.native.unavailable_reason`).
+    """
+
+    name = "native"
+    FWD_CHUNK = 128
+    FWD_CHUNK_LARGE = 64
+    BWD_CHUNK = 48
+    BWD_CHUNK_LARGE = 64
+    SMALL_BATCH = 256
+
+    def __init__(self):
+        super().__init__()
+        from sparsebench.sparsity import native
+
+        if native.load() is None:  # the library itself stays in native.load's cache (models deep-copy)
+            raise ImportError(f"native sparse kernels unavailable: {native.unavailable_reason()}")
+
+    @staticmethod
+    def _cpu32(*ts: torch.Tensor) -> bool:
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+    @staticmethod
+    def _lib():
+        from sparsebench.sparsity import native
+
+        return native.load()
+
+    def _fn(self, op: str, s: CSRStructure):
+        return getattr(self._lib(), f"sb_{op}_{'i16' if s.col.dtype == torch.int16 else 'i32'}")
+
+    def _fwd_chunk(self, b: int) -> int:
+        return self.FWD_CHUNK if b <= self.SMALL_BATCH else self.FWD_CHUNK_LARGE
+
+    def _gather(self, n_rows: int, crow: torch.Tensor, col: torch.Tensor, v: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """``(n_rows, B)``: row ``i`` = ``sum_k v_k xt[col_k]`` over row ``i`` of the CSR (crow, col)."""
+        b = xt.shape[1]
+        yt = torch.empty(n_rows, b, dtype=torch.float32)
+        suffix = "i16" if col.dtype == torch.int16 else "i32"
+        getattr(self._lib(), f"sb_spmm_{suffix}")(n_rows, b, crow.data_ptr(), col.data_ptr(), v.data_ptr(),
+                                                  xt.data_ptr(), xt.stride(0), yt.data_ptr(), b, self._fwd_chunk(b),
+                                                  torch.get_num_threads())
+        return yt
+
+    def spmm(self, s, values, x):
+        if not self._cpu32(values, x) or x.shape[0] == 0:
+            return super().spmm(s, values, x)
+        return self._gather(s.shape[0], s.crow, s.col, values.detach().contiguous(), _feature_major(x)).t()
+
+    def sddmm(self, s, dy, x):
+        if not self._cpu32(dy, x) or x.shape[0] == 0:
+            return super().sddmm(s, dy, x)
+        xt, dyt = _feature_major(x), _feature_major(dy)
+        dv = torch.empty(s.nnz, dtype=torch.float32)
+        self._fn("sddmm", s)(s.shape[0], x.shape[0], s.crow.data_ptr(), s.col.data_ptr(), xt.data_ptr(), xt.stride(0),
+                             dyt.data_ptr(), dyt.stride(0), dv.data_ptr(), self._bwd_chunk(x.shape[0]),
+                             torch.get_num_threads())
+        return dv
+
+    def _bwd_chunk(self, b: int) -> int:
+        return self.BWD_CHUNK if b <= self.SMALL_BATCH else self.BWD_CHUNK_LARGE
+
+    def transposed_workspace(self, s: CSRStructure, values: torch.Tensor):
+        """``(t_crow, t_col, t_values)`` of ``W^T`` (int32, int32, float32) by one counting sort over the
+        columns, O(nnz + in): a workspace for one backward call, not cached (see the class docstring)."""
+        t_crow = torch.empty(s.shape[1] + 1, dtype=torch.int32)
+        t_col = torch.empty(s.nnz, dtype=torch.int32)
+        t_val = torch.empty(s.nnz, dtype=torch.float32)
+        self._fn("transpose", s)(s.shape[0], s.shape[1], s.crow.data_ptr(), s.col.data_ptr(), values.data_ptr(),
+                                 t_crow.data_ptr(), t_col.data_ptr(), t_val.data_ptr())
+        return t_crow, t_col, t_val
+
+    def backward(self, s, values, x, dy, need_dx, need_dv):
+        if not (need_dx and self._cpu32(values, x, dy)) or x.shape[0] == 0:
+            return super().backward(s, values, x, dy, need_dx, need_dv)
+        xt, dyt, v = _feature_major(x), _feature_major(dy), values.detach().contiguous()
+        b = x.shape[0]
+        if b > self.SMALL_BATCH:  # transient W^T: gather dx, then the row-parallel SDDMM
+            t_crow, t_col, t_val = self.transposed_workspace(s, v)
+            dxt = self._gather(s.shape[1], t_crow, t_col, t_val, dyt)
+            del t_crow, t_col, t_val
+            return dxt.t(), (self.sddmm(s, dy, x) if need_dv else None)
+        ld = -(-b // 16) * 16  # dx rows padded to whole cache lines: threads own disjoint lines
+        dxt = torch.zeros(s.shape[1], ld, dtype=torch.float32)[:, :b]
+        dv = torch.empty(s.nnz, dtype=torch.float32) if need_dv else None
+        self._fn("bwd", s)(s.shape[0], s.nnz, b, s.crow.data_ptr(), s.col.data_ptr(), v.data_ptr(), xt.data_ptr(),
+                           xt.stride(0), dyt.data_ptr(), dyt.stride(0), dxt.data_ptr(), ld,
+                           dv.data_ptr() if dv is not None else None, self._bwd_chunk(b), torch.get_num_threads())
+        return dxt.t(), dv
 
 
 def available_kernels() -> Tuple[str, ...]:

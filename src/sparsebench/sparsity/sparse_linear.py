@@ -47,12 +47,12 @@ _BREAK_EVEN_BATCH = 128  # DEFAULT_MAX_DENSITY holds up to this batch size
 def default_max_density(batch_size: int) -> float:
     """The per-layer density up to which sparse kernels beat masked-dense ones on the CPU, for a
     training batch of ``batch_size`` rows: :data:`DEFAULT_MAX_DENSITY` (0.15) up to batch 128, then
-    ``0.15 * sqrt(128 / batch_size)`` (0.053 at batch 1024).
+    ``0.15 * (128 / batch_size) ** 0.15`` (0.11 at batch 1024).
 
-    Source: ``results/bench/sparse_train.txt`` (fc5 and 784-4096-4096-10, 1 thread, SGD momentum). At
-    batch 100 sparse steps are 1.8x faster than masked-dense at density 0.1 and slower at 0.5; at batch
-    1024 the dense GEMM amortises better: sparse is slower at 0.1 (fc5 0.90x, wide 0.63x), about even
-    on the wide net at 0.05 (0.96x) and faster on fc5 there (1.6x). ``trainer.sparse_max_density``
+    Source: ``results/bench/sparse_train.txt`` (fc5 and 784-4096-4096-10, 1 and 2 threads, SGD momentum,
+    the ``native`` kernels). At batch 100 sparse steps are 1.8-2.8x faster than masked-dense at density
+    0.1 and slower at 0.5; at batch 1024 the dense GEMM amortises better and density 0.1 is about the
+    break-even (fc5 1.08-1.17x faster sparse, the wide MLP 0.94-1.07x). ``trainer.sparse_max_density``
     overrides it.
 
     Raises:
@@ -60,7 +60,7 @@ def default_max_density(batch_size: int) -> float:
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    return DEFAULT_MAX_DENSITY * min(1.0, (_BREAK_EVEN_BATCH / int(batch_size)) ** 0.5)
+    return DEFAULT_MAX_DENSITY * min(1.0, (_BREAK_EVEN_BATCH / int(batch_size)) ** 0.15)
 _BUFFERS = ("crow", "col")  # the transposed structure is a cache of the kernels (kernels.CSRStructure.transposed)
 _LEGACY_BUFFERS = ("t_crow", "t_col", "perm")  # saved by earlier versions; derivable, dropped on load
 

@@ -83,7 +83,8 @@ class Trainer:
                                   f"dense layers (only callbacks with adopt_sparse_layers, such as the dynamic "
                                   f"sparse updater, run in this mode); set trainer.sparse_kernels=false")
             limit = default_max_density(cfg.batch_size) if cfg.sparse_max_density is None else cfg.sparse_max_density
-            self.sparse = sparsify_for_training(self.model, masking, max_density=float(limit))  # per layer
+            self.sparse = sparsify_for_training(self.model, masking, max_density=float(limit),  # per layer
+                                                kernels=cfg.sparse_backend)
             masking = self.sparse.masking  # the layers that stayed masked-dense (or None)
             for cb in callbacks:  # e.g. DSTUpdater: update the converted layers through their sparse storage
                 cb.adopt_sparse_layers(self.sparse)
