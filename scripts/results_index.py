@@ -46,8 +46,8 @@ rows:
 
 A cell runs as `+experiment=<setting> <overrides> <sweep point> seed=<s> table=<ID> [quick values] [extra]`
 (`python run.py +experiment=T001/reduced method=rigl` runs one by hand). A table runs every cell it needs
-itself: cells shared with another table (T002-unit and T002-weight, T004-prune and T004-train, T003-neurons'
-IMP cell and T003-random's, T001-3.3's dT=1 references and T001-3.1) are the same config, so the finished
+itself: cells shared with another table (T002-unit and T002-weight, T004-prune and T004-train, T001-3.3's dT=1
+references and T001-3.1) are the same config, so the finished
 run is reused through the config hash (`table` is not hashed). `make table-<ID>` prints one line per cell
 and seed (`[ID] cell i/n: label (seed s)`).
 
