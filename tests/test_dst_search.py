@@ -321,3 +321,33 @@ def test_flat_faiss_search_from_the_weight_gradient_equals_the_vector_search():
         assert not other.answers_from_scores()
         with pytest.raises(NotImplementedError):
             other.find_scores("l", torch.zeros(3, 4), torch.zeros(12), 2)
+
+
+def test_indices_above_equals_the_compare_and_nonzero_it_replaces():
+    """The native one-pass select (when built) and its fallback give flat_nonzero(t > thr) exactly:
+    ascending, ties at the threshold left out, -inf and NaN never above, sizes below and above the
+    native cut-off and off a vector multiple, a buffer that overflows its first capacity, and
+    non-contiguous input; topk_indices (its `>=` candidate pass) still equals torch.topk's set."""
+    import numpy as np
+
+    from sparsebench.dst.selection import _native_above, flat_nonzero, indices_above
+
+    g = torch.Generator().manual_seed(5)
+    for size in (10, 4095, 4096, 70001, 1 << 20):
+        t = torch.randn(size, generator=g)
+        t[::97] = 0.5  # ties at the threshold
+        t[1::101] = -float("inf")
+        t[2::103] = float("nan")
+        for thr in (0.5, 2.5, -1.0, -float("inf")):
+            want = flat_nonzero(t > thr)
+            got = indices_above(t, thr)
+            assert torch.equal(got, want), (size, thr)
+        a = t.numpy()
+        ge = _native_above(a, 0.5, inclusive=True)
+        if ge is not None:
+            assert np.array_equal(ge, np.flatnonzero(a >= 0.5))
+    m = torch.randn(300, 200, generator=g)
+    assert torch.equal(indices_above(m.t(), 1.0), flat_nonzero(m.t() > 1.0))  # non-contiguous: the fallback
+    s = torch.randn(1 << 20, generator=g)
+    for n in (10, 5000, 100000):
+        assert set(topk_indices(s, n).tolist()) == set(torch.topk(s, n).indices.tolist())

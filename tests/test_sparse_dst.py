@@ -224,7 +224,10 @@ def test_rigl_row_blocked_gradient_equals_the_full_dense_gradient():
     excluded = layer.structure.flat()
     lu = LayerUpdate("l", layer, None, None, 300, x, dz, shape=(90, 70), excluded=excluded)
     rows = gradient_rows(lu)
-    torch.testing.assert_close(torch.cat([rows(r, min(90, r + 7)) for r in range(0, 90, 7)]), full)
+    blocks = [rows(r, min(90, r + 7)).clone() for r in range(0, 90, 7)]  # a block is valid until the next call
+    torch.testing.assert_close(torch.cat(blocks), full)
+    first = rows(0, 7)
+    assert rows(7, 14).data_ptr() == first.data_ptr()  # one reused buffer, no fresh block per call
     ref = full.reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
     want = set(torch.topk(ref, 300).indices.tolist())
     for block in (70, 7 * 70, 1000, 90 * 70):  # one row, 7 rows, a non-multiple, everything at once

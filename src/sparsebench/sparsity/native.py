@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's
 
 SOURCE = Path(__file__).with_name("csrc") / "csr_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
-ABI_VERSION = 3
+ABI_VERSION = 4
 _reason: Optional[str] = None
 
 
@@ -86,6 +86,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"sb_transpose_{suf}").argtypes = [L, L, P, P, P, P, P, P]
         for f in ("spmm", "bwd", "sddmm", "transpose"):
             getattr(lib, f"sb_{f}_{suf}").restype = None
+    lib.sb_select_gt.argtypes = [P, L, ctypes.c_float, P, L]
+    lib.sb_select_gt.restype = L
     lib.sb_abi_version.restype = I
     if lib.sb_abi_version() != ABI_VERSION:
         raise RuntimeError(f"ABI version {lib.sb_abi_version()} != {ABI_VERSION}")

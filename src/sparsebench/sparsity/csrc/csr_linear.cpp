@@ -209,8 +209,31 @@ static void transpose_impl(int64_t out, int64_t in, const int32_t* crow, const I
     free(next);
 }
 
+// flat indices (ascending) of the entries of s[0 .. n) above tau: one AVX-512 compare pass, the hits' bit
+// masks walked only where a vector has one (the grow criteria keep ~1% of a score block). Writes at most
+// cap indices; returns the total count (a caller seeing count > cap asks again with more room).
+static int64_t select_gt_impl(const float* s, int64_t n, float tau, int64_t* out, int64_t cap) {
+    const __m512 t = _mm512_set1_ps(tau);
+    int64_t c = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), t, _CMP_GT_OQ);
+        while (m) {
+            const int b = __builtin_ctz((unsigned)m);
+            if (c < cap) out[c] = i + b;
+            ++c;
+            m &= (__mmask16)(m - 1);
+        }
+    }
+    for (; i < n; ++i)
+        if (s[i] > tau) { if (c < cap) out[c] = i; ++c; }
+    return c;
+}
+
 extern "C" {
-int sb_abi_version(void) { return 3; }
+int sb_abi_version(void) { return 4; }
+int64_t sb_select_gt(const float* s, int64_t n, float tau, int64_t* out, int64_t cap) {
+    return select_gt_impl(s, n, tau, out, cap);
+}
 #define EXPORT(SUF, I) \
 void sb_spmm_##SUF(int64_t out, int64_t B, const int32_t* crow, const I* col, const float* val, const float* xT, \
                    int64_t ldx, float* yT, int64_t ldy, int chunk, int nt) { \
