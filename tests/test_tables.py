@@ -251,3 +251,28 @@ def test_orderings_table_decides_each_claim_from_paired_seeds():
     assert df.loc["hi ~ lo", "ordering_holds"] == "reversed"
     with pytest.raises(ValueError, match="nope"):
         orderings_table({**spec, "orderings": [{"claim": "x", "a": "nope", "b": "hi"}]}, runs)
+
+
+def test_lpa_speedup_row_tests_the_documents_factor():
+    """T000-lpa-mnist: a subset-timed cell's graph time is extrapolated quadratically to the reference cell's
+    n and divided by its graph time per seed; with `speedup_claim` the row says whether the speed-ups lie
+    above the document's factor by a one-sample t (below it: reversed), naming the test."""
+    from sparsebench.tables.builders.t000 import lpa_table
+    from sparsebench.tables.spec import Cell
+
+    spec = {"id": "T", "dataset_used": "d", "scale": "s", "document_setting": "yes",
+            "metrics": ["graph_seconds"],
+            "cells": [Cell(0, "ref", [], {}, {}, {}), Cell(1, "naive", [], {}, {"graph_speedup": "> 166"},
+                                                           {"extrapolate_to": "ref", "speedup_claim": 166})]}
+    runs = pd.DataFrame([
+        {"cell": 0, "label": "ref", "seed": s, "n": 1000, "graph_seconds": g, "backend": "a", "dataset": "d"}
+        for s, g in ((0, 1.0), (1, 1.1), (2, 0.9))] + [
+        {"cell": 1, "label": "naive", "seed": s, "n": 200, "graph_seconds": g, "backend": "b", "dataset": "d"}
+        for s, g in ((0, 4.0), (1, 4.2), (2, 3.9))])
+    table = lpa_table(spec, runs)
+    row = table[table.metric == "graph_speedup"].iloc[0]
+    want = [4.0 * 25 / 1.0, 4.2 * 25 / 1.1, 3.9 * 25 / 0.9]
+    assert row.measured == pytest.approx(sum(want) / 3) and row.n_seeds == 3
+    assert row.claim_holds == "reversed" and "one-sample t" in row.test and "against 1x" in row.test
+    spec["cells"][1].row["speedup_claim"] = 50
+    assert lpa_table(spec, runs).query("metric == 'graph_speedup'").iloc[0].claim_holds == "holds"

@@ -8,6 +8,8 @@ Spec keys used beyond the common ones (see :mod:`sparsebench.tables.spec`):
              (``method.n_samples``); :func:`lpa_table` adds ``graph_seconds_extrapolated`` =
              graph_seconds * (n_ref / n)^2 (quadratic: every point against every point) and
              ``graph_speedup`` = that / the reference cell's graph_seconds, per seed (same table run)
+``speedup_claim`` (row key, with ``extrapolate_to``) the document's speed-up factor: the speed-up row
+             gets ``claim_holds`` (one-sample t of the per-seed speed-ups against it) and ``test``
 ``knn``      T000-knn only: ``dataset``, ``sizes``, ``k``, ``backends``, ``pca_components``, ``seeds``,
              ``reported`` (``{backend: {metric: value}}``)
 
@@ -80,8 +82,16 @@ def _extrapolated(spec: dict, runs: pd.DataFrame, reported: dict) -> List[dict]:
         rep = reported.get(c.label, {})
         out.append(rows(spec, c.label, "graph_seconds_extrapolated", ext.tolist(),
                         rep.get("graph_seconds_extrapolated", ""), **extra))
-        out.append(rows(spec, f"{c.label} vs {ref}", "graph_speedup", (ext / pair["graph_seconds_ref"]).tolist(),
-                        rep.get("graph_speedup", ""), **extra))
+        speedup = (ext / pair["graph_seconds_ref"]).tolist()
+        claim = c.row.get("speedup_claim")  # the document's factor: the approximate graph >= claim x faster
+        if claim is not None:
+            at_least, faster = compare(speedup, float(claim)), compare(speedup, 1.0)
+            extra = {**extra, "claim_holds": at_least["verdict"],
+                     "test": (f"{at_least['test']} of the per-seed speed-up against the document's {claim}x: diff "
+                              f"{at_least['diff']:+.1f} [{at_least['ci_low']:+.1f}, {at_least['ci_high']:+.1f}], "
+                              f"{at_least['verdict']}; against 1x (the approximate graph faster at all): "
+                              f"{faster['verdict']} (n={faster['n_a']})")}
+        out.append(rows(spec, f"{c.label} vs {ref}", "graph_speedup", speedup, rep.get("graph_speedup", ""), **extra))
     return out
 
 
