@@ -44,10 +44,10 @@ copies nothing. CPU float32 only; other devices / dtypes run the ``torch_csr`` p
 :mod:`sparsebench.sparsity.native`): compiled AVX-512 kernels on the same lean layout, transpose-free
 at batch <= 256 (a fused scatter backward) and with a per-call counting-sort transpose above (see
 :class:`NativeKernels`). Measured in ``results/bench/sparse_train.txt`` (one training step, SGD
-momentum): on the wide MLP at 1%, batch 100, 1 thread 10.6 ms against sparseprop's 17.8 (1.68x, the
-transpose-free library at the same memory) and torch CSR's 13.0 (1.22x, with 1.75x the memory); on fc5,
-where per-layer overheads dominate, 1.17x sparseprop. At the benchmark's 24 settings of density <= 0.1
-it is 0.96-1.35x the best library (below 1 in one: fc5 at 1%, batch 1024, 2 threads), at 1.2 instead of 1.75-1.8 x
+momentum): on the wide MLP at 1%, batch 100, 1 thread 9.3 ms against sparseprop's 15.7 (1.69x, the
+transpose-free library at the same memory) and torch CSR's 10.9 (1.17x, with 1.75x the memory); on fc5,
+where per-layer overheads dominate, 1.34x sparseprop. At the benchmark's 24 settings of density <= 0.1
+it is 0.95-1.31x the best library (below 1 in one: fc5 at 1%, batch 1024, 1 thread), at 1.2 instead of 1.75-1.8 x
 density x dense memory: the only backend here that meets both the speed and the memory targets. Where
 the library cannot be built, ``auto`` falls back to sparseprop, then torch CSR.
 """
@@ -361,9 +361,9 @@ class NativeKernels(TorchCSRKernels):
     * the weight-only gradient (a first layer): the row-parallel SDDMM.
 
     Kept (issue 14: an own kernel only where >= 1.5x faster than the best library) because the library
-    backends at its memory (sparseprop, sparselab) are 1.68x / 1.57x slower on the wide MLP at 1%
-    (batch 100, 1 thread) and torch CSR, 1.22x slower there, is as fast only through a cached
-    transposed structure (1.75x memory); on fc5 the margin is smaller (1.17x; module docstring). Chunk widths (batch columns
+    backends at its memory (sparseprop, sparselab) are 1.69x / 1.56x slower on the wide MLP at 1%
+    (batch 100, 1 thread) and torch CSR, 1.17x slower there, comes close only through a cached
+    transposed structure (1.75x memory); on fc5 the margin is smaller (1.34x; module docstring). Chunk widths (batch columns
     per register block) were chosen by measurement on this machine: :attr:`FWD_CHUNK`, and
     :attr:`BWD_CHUNK` up to batch :attr:`SMALL_BATCH`, :attr:`BWD_CHUNK_LARGE` above. Tensors off the
     CPU or not float32 take the ``torch_csr`` products. Results are deterministic for a given thread
