@@ -16,7 +16,8 @@ in a burst, 2 threads).
 * ``dense``: plain ``nn.Linear``; ``masked``: ``nn.Linear`` + :class:`Masking` attached (the framework's
   masked mode); ``ours``: :func:`sparsify_for_training` with its defaults: backend ``auto``
   (:func:`sparsebench.sparsity.kernels.resolve_kernels`, printed in the header) and the per-layer
-  fallback (``max_density = default_max_density(batch)``, 0.15 up to batch 128, 0.053 at 1024: denser layers stay masked-dense);
+  fallback (``max_density = default_max_density(batch)``, 0.15 up to batch 128, 0.11 at 1024: denser
+  layers stay masked-dense);
 * the libraries, every layer sparse: ``torch_csr`` (:class:`SparseTrainLinear` forced onto the torch CSR
   backend: ``torch.sparse.mm`` + ``sampled_addmm``, cached transpose), ``sparseprop``
   (``sparseprop.modules.SparseLinear.from_dense``) and ``sparselab`` (``sparselab.SparseLinear`` at the

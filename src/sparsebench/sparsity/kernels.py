@@ -285,6 +285,11 @@ class TorchCSRKernels(SparseKernels):
         return acc.values()
 
 
+def _cpu32(*ts: torch.Tensor) -> bool:
+    """Every tensor is a float32 CPU tensor (what the compiled backends, sparseprop and native, take)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
 def _sparseprop_available() -> bool:
     return importlib.util.find_spec("sparseprop") is not None
 
@@ -316,8 +321,7 @@ class SparsePropKernels(TorchCSRKernels):
         self._fused: Callable = backend.sparse_linear_vectorized_backward
 
     def backward(self, s, values, x, dy, need_dx, need_dv):
-        cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (values, x, dy))
-        if not (need_dx and cpu32):
+        if not (need_dx and _cpu32(values, x, dy)):
             return super().backward(s, values, x, dy, need_dx, need_dv)
         x_t, dy_t = x.t().contiguous(), dy.t().contiguous()  # (in, B), (out, B): views when feature-major
         dx_t = torch.zeros(s.shape[1], x.shape[0], dtype=x.dtype)
@@ -363,8 +367,8 @@ class NativeKernels(TorchCSRKernels):
     Kept (issue 14: an own kernel only where >= 1.5x faster than the best library) because the library
     backends at its memory (sparseprop, sparselab) are 1.69x / 1.56x slower on the wide MLP at 1%
     (batch 100, 1 thread) and torch CSR, 1.17x slower there, comes close only through a cached
-    transposed structure (1.75x memory); on fc5 the margin is smaller (1.34x; module docstring). Chunk widths (batch columns
-    per register block) were chosen by measurement on this machine: :attr:`FWD_CHUNK`, and
+    transposed structure (1.75x memory); on fc5 the margin is smaller (1.34x; module docstring). Chunk
+    widths (batch columns per register block) were chosen by measurement on this machine: :attr:`FWD_CHUNK`, and
     :attr:`BWD_CHUNK` up to batch :attr:`SMALL_BATCH`, :attr:`BWD_CHUNK_LARGE` above. Tensors off the
     CPU or not float32 take the ``torch_csr`` products. Results are deterministic for a given thread
     count (fixed summation order).
@@ -389,44 +393,44 @@ class NativeKernels(TorchCSRKernels):
             raise ImportError(f"native sparse kernels unavailable: {native.unavailable_reason()}")
 
     @staticmethod
-    def _cpu32(*ts: torch.Tensor) -> bool:
-        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
-
-    @staticmethod
     def _lib():
         from sparsebench.sparsity import native
 
         return native.load()
 
-    def _fn(self, op: str, s: CSRStructure):
-        return getattr(self._lib(), f"sb_{op}_{'i16' if s.col.dtype == torch.int16 else 'i32'}")
+    def _fn(self, op: str, col: torch.Tensor):
+        """The library's ``sb_<op>`` entry point for column indices of ``col``'s dtype (int16 / int32)."""
+        return getattr(self._lib(), f"sb_{op}_{'i16' if col.dtype == torch.int16 else 'i32'}")
 
     def _fwd_chunk(self, b: int) -> int:
         return self.FWD_CHUNK if b <= self.SMALL_BATCH else self.FWD_CHUNK_LARGE
 
-    def _gather(self, n_rows: int, crow: torch.Tensor, col: torch.Tensor, v: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    def _gather(self, n_rows: int, crow: torch.Tensor, col: torch.Tensor, v: torch.Tensor,
+                xt: torch.Tensor) -> torch.Tensor:
         """``(n_rows, B)``: row ``i`` = ``sum_k v_k xt[col_k]`` over row ``i`` of the CSR (crow, col)."""
         b = xt.shape[1]
         yt = torch.empty(n_rows, b, dtype=torch.float32)
-        suffix = "i16" if col.dtype == torch.int16 else "i32"
-        getattr(self._lib(), f"sb_spmm_{suffix}")(n_rows, b, crow.data_ptr(), col.data_ptr(), v.data_ptr(),
-                                                  xt.data_ptr(), xt.stride(0), yt.data_ptr(), b, self._fwd_chunk(b),
-                                                  torch.get_num_threads())
+        self._fn("spmm", col)(n_rows, b, crow.data_ptr(), col.data_ptr(), v.data_ptr(), xt.data_ptr(), xt.stride(0),
+                              yt.data_ptr(), b, self._fwd_chunk(b), torch.get_num_threads())
         return yt
 
     def spmm(self, s, values, x):
-        if not self._cpu32(values, x) or x.shape[0] == 0:
+        if not _cpu32(values, x) or x.shape[0] == 0:
             return super().spmm(s, values, x)
         return self._gather(s.shape[0], s.crow, s.col, values.detach().contiguous(), _feature_major(x)).t()
 
     def sddmm(self, s, dy, x):
-        if not self._cpu32(dy, x) or x.shape[0] == 0:
+        if not _cpu32(dy, x) or x.shape[0] == 0:
             return super().sddmm(s, dy, x)
-        xt, dyt = _feature_major(x), _feature_major(dy)
+        return self._sddmm(s, _feature_major(x), _feature_major(dy))
+
+    def _sddmm(self, s: CSRStructure, xt: torch.Tensor, dyt: torch.Tensor) -> torch.Tensor:
+        """``(nnz,)`` row-parallel SDDMM of feature-major ``xt`` ``(in, B)`` and ``dyt`` ``(out, B)``."""
+        b = xt.shape[1]
         dv = torch.empty(s.nnz, dtype=torch.float32)
-        self._fn("sddmm", s)(s.shape[0], x.shape[0], s.crow.data_ptr(), s.col.data_ptr(), xt.data_ptr(), xt.stride(0),
-                             dyt.data_ptr(), dyt.stride(0), dv.data_ptr(), self._bwd_chunk(x.shape[0]),
-                             torch.get_num_threads())
+        self._fn("sddmm", s.col)(s.shape[0], b, s.crow.data_ptr(), s.col.data_ptr(), xt.data_ptr(), xt.stride(0),
+                                 dyt.data_ptr(), dyt.stride(0), dv.data_ptr(), self._bwd_chunk(b),
+                                 torch.get_num_threads())
         return dv
 
     def _bwd_chunk(self, b: int) -> int:
@@ -438,12 +442,12 @@ class NativeKernels(TorchCSRKernels):
         t_crow = torch.empty(s.shape[1] + 1, dtype=torch.int32)
         t_col = torch.empty(s.nnz, dtype=torch.int32)
         t_val = torch.empty(s.nnz, dtype=torch.float32)
-        self._fn("transpose", s)(s.shape[0], s.shape[1], s.crow.data_ptr(), s.col.data_ptr(), values.data_ptr(),
-                                 t_crow.data_ptr(), t_col.data_ptr(), t_val.data_ptr())
+        self._fn("transpose", s.col)(s.shape[0], s.shape[1], s.crow.data_ptr(), s.col.data_ptr(), values.data_ptr(),
+                                     t_crow.data_ptr(), t_col.data_ptr(), t_val.data_ptr())
         return t_crow, t_col, t_val
 
     def backward(self, s, values, x, dy, need_dx, need_dv):
-        if not (need_dx and self._cpu32(values, x, dy)) or x.shape[0] == 0:
+        if not (need_dx and _cpu32(values, x, dy)) or x.shape[0] == 0:
             return super().backward(s, values, x, dy, need_dx, need_dv)
         xt, dyt, v = _feature_major(x), _feature_major(dy), values.detach().contiguous()
         b = x.shape[0]
@@ -451,13 +455,13 @@ class NativeKernels(TorchCSRKernels):
             t_crow, t_col, t_val = self.transposed_workspace(s, v)
             dxt = self._gather(s.shape[1], t_crow, t_col, t_val, dyt)
             del t_crow, t_col, t_val
-            return dxt.t(), (self.sddmm(s, dy, x) if need_dv else None)
+            return dxt.t(), (self._sddmm(s, xt, dyt) if need_dv else None)
         ld = -(-b // 16) * 16  # dx rows padded to whole cache lines: threads own disjoint lines
         dxt = torch.zeros(s.shape[1], ld, dtype=torch.float32)[:, :b]
         dv = torch.empty(s.nnz, dtype=torch.float32) if need_dv else None
-        self._fn("bwd", s)(s.shape[0], s.nnz, b, s.crow.data_ptr(), s.col.data_ptr(), v.data_ptr(), xt.data_ptr(),
-                           xt.stride(0), dyt.data_ptr(), dyt.stride(0), dxt.data_ptr(), ld,
-                           dv.data_ptr() if dv is not None else None, self._bwd_chunk(b), torch.get_num_threads())
+        self._fn("bwd", s.col)(s.shape[0], s.nnz, b, s.crow.data_ptr(), s.col.data_ptr(), v.data_ptr(), xt.data_ptr(),
+                               xt.stride(0), dyt.data_ptr(), dyt.stride(0), dxt.data_ptr(), ld,
+                               dv.data_ptr() if dv is not None else None, self._bwd_chunk(b), torch.get_num_threads())
         return dxt.t(), dv
 
 

@@ -98,6 +98,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def load() -> Optional[ctypes.CDLL]:
     """The loaded kernels library (built on first call), or None with :func:`unavailable_reason` set."""
     global _reason
+    _reason = None  # a reason from an earlier call (before a cache_clear) no longer holds
     if os.environ.get("SPARSEBENCH_NATIVE", "1") == "0":
         _reason = "disabled by SPARSEBENCH_NATIVE=0"
         return None
