@@ -323,6 +323,28 @@ def test_flat_faiss_search_from_the_weight_gradient_equals_the_vector_search():
             other.find_scores("l", torch.zeros(3, 4), torch.zeros(12), 2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_select_above_equals_abs_compare_exclude_and_gather(threads):
+    """select_above (native when built, threaded parts packed in order; else torch) equals the torch
+    reference: |t| > thr or t > thr, NaN never above, values gathered; sizes below / above the native and
+    threading cut-offs, off a vector multiple; a capacity overflow retried."""
+    from sparsebench.core.threads import scoped_threads
+    from sparsebench.dst.selection import flat_nonzero, select_above
+
+    g = torch.Generator().manual_seed(8)
+    with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
+        for size in (100, 4096, 65535, 65536 * 3 + 7, 1 << 20):
+            t = torch.randn(size, generator=g)
+            t[3::89] = float("nan")
+            for absolute in (False, True):
+                for thr in (2.0, 0.1, -0.5):  # 0.1 with |t|: more than the first capacity (size / 64) passes
+                    v = t.abs() if absolute else t
+                    want = flat_nonzero(v > thr)
+                    i, val = select_above(t, thr, absolute)
+                    assert torch.equal(i, want), (size, absolute, thr)
+                    assert torch.equal(val, v[want])
+
+
 def test_indices_above_equals_the_compare_and_nonzero_it_replaces():
     """The native one-pass select (when built) and its fallback give flat_nonzero(t > thr) exactly:
     ascending, ties at the threshold left out, -inf and NaN never above, sizes below and above the

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.config import TrainerConfig
+from sparsebench.core.threads import scoped_threads
 from sparsebench.data import DataBundle, Split
 from sparsebench.dst.grow import GROW_CRITERIA, GradientGrow, LayerUpdate, blocked_topn, gradient_rows
 from sparsebench.dst.updater import DSTUpdater
@@ -225,13 +226,13 @@ def test_rigl_row_blocked_gradient_equals_the_full_dense_gradient():
     lu = LayerUpdate("l", layer, None, None, 300, x, dz, shape=(90, 70), excluded=excluded)
     rows = gradient_rows(lu)
     blocks = [rows(r, min(90, r + 7)).clone() for r in range(0, 90, 7)]  # a block is valid until the next call
-    torch.testing.assert_close(torch.cat(blocks), full)
+    torch.testing.assert_close(torch.cat(blocks), dz.t() @ x)  # signed: blocked_topn ranks it by magnitude
     first = rows(0, 7)
     assert rows(7, 14).data_ptr() == first.data_ptr()  # one reused buffer, no fresh block per call
     ref = full.reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
     want = set(torch.topk(ref, 300).indices.tolist())
     for block in (70, 7 * 70, 1000, 90 * 70):  # one row, 7 rows, a non-multiple, everything at once
-        vals, flat = blocked_topn(gradient_rows(lu), lu, 300, block_elements=block)
+        vals, flat = blocked_topn(gradient_rows(lu), lu, 300, block_elements=block, absolute=True)
         assert set(flat.tolist()) == want, block
         torch.testing.assert_close(torch.sort(vals).values, torch.sort(ref[flat]).values)
     # the criterion on the sparse layer == the criterion on the dense weight.grad of the masked layer
@@ -242,6 +243,30 @@ def test_rigl_row_blocked_gradient_equals_the_full_dense_gradient():
     lin.weight.grad = dz.t() @ x
     crit.prepare(type("M", (), {"weight": staticmethod(lambda n: lin.weight)})(), ["m"])
     assert set(crit.grow(lu_masked).tolist()) == want
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_topn_on_large_blocks_equals_the_full_topk(threads):
+    # blocks of 16k+ scores take the sampled threshold and the native select (abs taken in the pass, run on
+    # `threads` threads); the kept entries are cut back as blocks arrive; the set equals torch.topk's
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in, n = 600, 500, 1500
+    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
+    dz[:, :40] = 0.0  # dead units: zero rows
+    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
+    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in),
+                     excluded=mask.reshape(-1).nonzero().squeeze(1))
+    want = set(torch.topk(full, n).indices.tolist())
+    with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
+        for block in (n_in * 40, n_in * 100, n_out * n_in):
+            vals, flat = blocked_topn(gradient_rows(lu), lu, n, block_elements=block, absolute=True, memo={})
+            assert set(flat.tolist()) == want, block
+            torch.testing.assert_close(torch.sort(vals).values, torch.sort(full[flat]).values)
+        # more wanted than there are non-zero growable scores: zeros fill up, never an excluded position
+        m2 = n_out * n_in - 3000 - 40 * n_in + 10
+        vals, flat = blocked_topn(gradient_rows(lu), lu, m2, block_elements=n_in * 100, absolute=True)
+        assert flat.numel() == m2 and torch.all(mask.reshape(-1)[flat] == 0) and flat.unique().numel() == m2
 
 
 def test_similarity_grow_from_the_weight_gradient_equals_the_captured_vector_search():

@@ -133,6 +133,35 @@ def indices_above(t, threshold: float) -> torch.Tensor:
     return flat_nonzero(t > threshold)
 
 
+def select_above(t: torch.Tensor, threshold: float, absolute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``t`` (any shape) greater than ``threshold`` (``absolute``: ``|t| > threshold``):
+    ``(flat, values)``, ``flat`` the ascending long flat indices and ``values`` their scores (``|t|`` if
+    ``absolute``; float). NaN entries are never above (a caller marks excluded positions NaN). A contiguous
+    CPU float32 ``t`` of 4096 to 2^31 entries takes the native one-pass select, which reads each score
+    once, stores each vector's hits without a branch per hit and runs on ``torch.get_num_threads()``
+    threads (4M scores with 1.2% above: 0.6 ms on one thread against 7.5 ms for ``abs`` + compare +
+    ``flatnonzero`` + gather); else torch ops."""
+    a = host_view(t) if t.is_contiguous() else None
+    if isinstance(a, np.ndarray) and a.dtype == np.float32 and 4096 <= a.size < 2 ** 31:
+        from sparsebench.sparsity import native
+
+        lib = native.load()
+        if lib is not None:
+            a = a.reshape(-1)
+            cap = max(4096, a.size // 64)
+            for _ in range(2):
+                idx, val = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
+                c = lib.sb_select_vals(a.ctypes.data, a.size, float(np.float32(threshold)), int(absolute),
+                                       idx.ctypes.data, val.ctypes.data, cap, torch.get_num_threads())
+                if c >= 0:
+                    return torch.from_numpy(idx[:c].astype(np.int64)), torch.from_numpy(val[:c])
+                cap = -c
+    v = t.reshape(-1)
+    v = v.abs() if absolute else v
+    i = flat_nonzero(v > threshold)
+    return i, v[i].float()
+
+
 def _select_np(arr: np.ndarray, cand: Optional[np.ndarray], n: int, largest: bool, margin: float,
                vals: Optional[np.ndarray] = None) -> Tuple[np.ndarray, float]:
     """Exact top-n of ``arr`` among positions ``cand`` (all if None; at least ``n``; ``vals``: their

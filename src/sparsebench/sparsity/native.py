@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's
 
 SOURCE = Path(__file__).with_name("csrc") / "csr_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
-ABI_VERSION = 4
+ABI_VERSION = 5
 _reason: Optional[str] = None
 
 
@@ -84,10 +84,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"sb_bwd_{suf}").argtypes = [L, L, L, P, P, P, P, L, P, L, P, L, P, I, I]
         getattr(lib, f"sb_sddmm_{suf}").argtypes = [L, L, P, P, P, L, P, L, P, I, I]
         getattr(lib, f"sb_transpose_{suf}").argtypes = [L, L, P, P, P, P, P, P]
+        getattr(lib, f"sb_merge_{suf}").argtypes = [L, L, P, P, P, L, P, L, P, P, P, L]
+        getattr(lib, f"sb_merge_{suf}").restype = I
         for f in ("spmm", "bwd", "sddmm", "transpose"):
             getattr(lib, f"sb_{f}_{suf}").restype = None
     lib.sb_select_gt.argtypes = [P, L, ctypes.c_float, P, L]
     lib.sb_select_gt.restype = L
+    lib.sb_select_vals.argtypes = [P, L, ctypes.c_float, I, P, P, L, I]
+    lib.sb_select_vals.restype = L
+    lib.sb_remap.argtypes = [P, L, P, P]
+    lib.sb_remap.restype = None
     lib.sb_abi_version.restype = I
     if lib.sb_abi_version() != ABI_VERSION:
         raise RuntimeError(f"ABI version {lib.sb_abi_version()} != {ABI_VERSION}")

@@ -218,23 +218,35 @@ class SparseTrainLinear(nn.Module):
         if n == 0:
             return
         s = self.structure
-        keep_slot = torch.ones(self.nnz, dtype=torch.bool, device=dev)
-        keep_slot[drop] = False
-        keep = keep_slot.nonzero().squeeze(1)
-        if keep.numel() != self.nnz - n:
-            raise ValueError("update_topology: repeated slots in drop")
-        # merge the kept positions (still sorted) with the sorted grown ones: O(nnz log n), no sort of nnz
-        kept_flat, grow_sorted = s.flat()[keep], _sort(grow)
-        at_kept = torch.arange(keep.numel(), device=dev) + _searchsorted(grow_sorted, kept_flat)
-        at_grow = torch.arange(n, device=dev) + _searchsorted(kept_flat, grow_sorted, right=True)  # a clash stays two entries
-        new_flat = torch.empty(self.nnz, dtype=torch.long, device=dev)
-        new_flat[at_kept], new_flat[at_grow] = kept_flat, grow_sorted
-        new_s = CSRStructure.from_flat(new_flat, s.shape, is_sorted=True)  # merged: ascending; raises on duplicates
+        merged = self._merge_native(s, drop, grow)
+        if merged is not None:  # one O(nnz + out) pass on the CPU; src: each new slot's old slot (-1: grown)
+            new_s, src = merged
+            lib, tmp = _native_lib(), torch.empty_like(self.values.data)
 
-        def remap(t: torch.Tensor) -> None:  # kept values to their new slots, grown ones 0
-            new = torch.zeros_like(t)
-            new[at_kept] = t[keep]
-            t.copy_(new)
+            def remap(t: torch.Tensor) -> None:
+                if t.dtype == torch.float32 and t.is_contiguous():
+                    lib.sb_remap(src.ctypes.data, src.size, t.data_ptr(), tmp.data_ptr())
+                else:
+                    a = t.numpy()
+                    a[:] = np.where(src >= 0, a[np.maximum(src, 0)], 0)
+        else:
+            keep_slot = torch.ones(self.nnz, dtype=torch.bool, device=dev)
+            keep_slot[drop] = False
+            keep = keep_slot.nonzero().squeeze(1)
+            if keep.numel() != self.nnz - n:
+                raise ValueError("update_topology: repeated slots in drop")
+            # merge the kept positions (still sorted) with the sorted grown ones: O(nnz log n), no sort of nnz
+            kept_flat, grow_sorted = s.flat()[keep], _sort(grow)
+            at_kept = torch.arange(keep.numel(), device=dev) + _searchsorted(grow_sorted, kept_flat)
+            at_grow = torch.arange(n, device=dev) + _searchsorted(kept_flat, grow_sorted, right=True)  # a clash stays two entries
+            new_flat = torch.empty(self.nnz, dtype=torch.long, device=dev)
+            new_flat[at_kept], new_flat[at_grow] = kept_flat, grow_sorted
+            new_s = CSRStructure.from_flat(new_flat, s.shape, is_sorted=True)  # merged: ascending; raises on duplicates
+
+            def remap(t: torch.Tensor) -> None:  # kept values to their new slots, grown ones 0
+                new = torch.zeros_like(t)
+                new[at_kept] = t[keep]
+                t.copy_(new)
 
         remap(self.values.data)
         if optimizer is not None:
@@ -245,11 +257,43 @@ class SparseTrainLinear(nn.Module):
             remap(self.values.grad)
         self._set_structure(new_s)
 
+    _MERGE_ERRORS = {1: "a grown position repeats or is a kept active one", 2: "a grown position is out of range",
+                     3: "repeated or out-of-range slots in drop", 4: "more entries than slots"}
+
+    def _merge_native(self, s: CSRStructure, drop: torch.Tensor, grow: torch.Tensor):
+        """The merged structure by the native one-pass merge (``sb_merge``): ``(new_structure, src)`` with
+        ``src`` (int32 array) the old slot of each new slot (-1 for a grown one), or None where the
+        library does not run (CUDA, not built here). Raises ValueError for the edits the torch merge
+        refuses (repeated slots, grown positions repeated, on kept ones or out of range)."""
+        if self.values.device.type != "cpu":
+            return None
+        lib = _native_lib()
+        if lib is None:
+            return None
+        d, g = np.sort(drop.numpy()), np.sort(grow.numpy())
+        nnz = self.nnz
+        crow, col = torch.empty_like(s.crow), torch.empty_like(s.col)
+        src = np.empty(nnz, dtype=np.int32)
+        suffix = "i16" if s.col.dtype == torch.int16 else "i32"
+        rc = getattr(lib, f"sb_merge_{suffix}")(s.shape[0], s.shape[1], s.crow.data_ptr(), s.col.data_ptr(),
+                                                d.ctypes.data, d.size, g.ctypes.data, g.size, crow.data_ptr(),
+                                                col.data_ptr(), src.ctypes.data, nnz)
+        if rc != 0:
+            raise ValueError(f"update_topology: {self._MERGE_ERRORS.get(rc, f'merge error {rc}')}")
+        return CSRStructure(s.shape, crow, col), src
+
     def structure_written(self) -> None:
         """The structure buffers were overwritten in place from outside (``load_state_dict``, the DDP
         broadcast of :func:`sparsebench.core.distributed.sync_from_rank0`): drop anything derived from
         them: the cached :attr:`structure` and its transposed structure."""
         self.__dict__.pop("_structure", None)
+
+
+def _native_lib():
+    """The native kernels library (:func:`sparsebench.sparsity.native.load`), or None."""
+    from sparsebench.sparsity import native
+
+    return native.load()
 
 
 def set_update(layers: Dict[str, SparseTrainLinear], drop_fraction: float,

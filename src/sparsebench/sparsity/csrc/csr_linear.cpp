@@ -8,6 +8,9 @@
 //   sb_bwd    dxT[j, :] += val[k] * dyT[i, :]  for every k = (i, j)          (dx = dy W, a scatter: no W^T)
 //             dv[k]      = <dyT[i, :], xT[j, :]>                             (SDDMM, fused in the same pass)
 //   sb_sddmm  dv only, row-parallel.
+//   sb_select_gt / sb_select_vals   the scores above a threshold (topology updates' candidate selection)
+//   sb_merge  the structure after a drop / grow: kept slots merged with the grown positions, one pass
+//   sb_remap  values and optimizer state moved to the merged slots
 //
 // The backward splits the batch into equal column chunks, one set per thread (threads never write the
 // same dx element); each thread keeps its own dv partial, summed at the end. Built by
@@ -17,6 +20,7 @@
 #include <string.h>
 #include <omp.h>
 #include <immintrin.h>
+#include <math.h>
 
 #ifndef __AVX512F__
 #error "sparsebench native kernels need AVX-512F"
@@ -229,10 +233,131 @@ static int64_t select_gt_impl(const float* s, int64_t n, float tau, int64_t* out
     return c;
 }
 
+
+// The entries of s[0 .. n) above tau (ABS: |s| > tau), n < 2^31: their int32 positions (ascending) and
+// scores (ABS: |s|). nt threads over nt contiguous parts; part p writes into idx / val[p * (cap / nt) ..] and
+// the parts are then packed to the front. Branch-free per hit: a vector's hits are compressed in registers
+// and stored whole (16 slots of room kept), so the cost does not grow with mispredicted per-hit branches.
+// Returns the total count, or -(room needed) when a part overflowed its share of cap.
+template <bool ABS>
+static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t* idx, float* val, int64_t cap, int nt) {
+    if (n < ((int64_t)1 << 16)) nt = 1;  // below 64k scores a thread team costs more than it saves
+    if (nt < 1) nt = 1;
+    if (nt > 64) nt = 64;
+    const int64_t share = cap / nt;
+    int64_t count[64];
+    const __m512 t = _mm512_set1_ps(tau);
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int p = 0; p < nt; ++p) {
+        int64_t i = (n * p / nt) & ~(int64_t)15, end = p + 1 == nt ? n : ((n * (p + 1) / nt) & ~(int64_t)15);
+        int32_t* oi = idx + share * p;
+        float* ov = val + share * p;
+        int64_t c = 0;
+        for (; i + 16 <= end; i += 16) {
+            __m512 v = _mm512_loadu_ps(s + i);
+            if (ABS) v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), absm));
+            const __mmask16 m = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+            if (!m) continue;
+            if (c + 16 <= share) {
+                _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)i))));
+                _mm512_storeu_ps(ov + c, _mm512_maskz_compress_ps(m, v));
+            }
+            c += __builtin_popcount((unsigned)m);
+        }
+        for (; i < end; ++i) {
+            const float v = ABS ? fabsf(s[i]) : s[i];
+            if (v > tau) { if (c < share) { oi[c] = (int32_t)i; ov[c] = v; } ++c; }
+        }
+        count[p] = c;
+    }
+    int64_t total = 0, most = 0;
+    for (int p = 0; p < nt; ++p) { total += count[p]; most = count[p] > most ? count[p] : most; }
+    if (most + 16 > share) return -((most + 16) * nt + nt);
+    int64_t w = count[0];
+    for (int p = 1; p < nt; ++p) {
+        memmove(idx + w, idx + share * p, sizeof(int32_t) * (size_t)count[p]);
+        memmove(val + w, val + share * p, sizeof(float) * (size_t)count[p]);
+        w += count[p];
+    }
+    return total;
+}
+
+// The structure after a topology update: the kept slots (all but drop, ascending distinct slot indices)
+// merged row by row with grow (ascending flat positions row * in + col). Writes new_crow (out + 1), new_col
+// and src (cap entries: the old slot of a kept entry, -1 for a grown one). Per row, the kept entries are
+// compacted and merged with the grown ones without data-dependent branches (selects), so the O(nnz + out)
+// pass does not stall on mispredictions. Returns 0; 1: a grown position repeats or is a kept active one;
+// 2: a grown position out of range; 3: drop not ascending / distinct / in range; 4: more than cap entries.
+template <typename I>
+static int merge_impl(int64_t out, int64_t in, const int32_t* crow, const I* col, const int64_t* drop,
+                      int64_t ndrop, const int64_t* grow, int64_t ngrow, int32_t* new_crow, I* new_col,
+                      int32_t* src, int64_t cap) {
+    const int32_t nnz = crow[out];
+    if (ngrow && (grow[0] < 0 || grow[ngrow - 1] >= out * in)) return 2;
+    for (int64_t d = 0; d < ndrop; ++d)
+        if (drop[d] < 0 || drop[d] >= nnz || (d && drop[d] <= drop[d - 1])) return 3;
+    if ((int64_t)nnz - ndrop + ngrow > cap) return 4;
+    for (int64_t g = 1; g < ngrow; ++g)
+        if (grow[g] == grow[g - 1]) return 1;
+    int32_t maxrow = 0;
+    for (int64_t i = 0; i < out; ++i) maxrow = crow[i + 1] - crow[i] > maxrow ? crow[i + 1] - crow[i] : maxrow;
+    int64_t* kc = (int64_t*)malloc(sizeof(int64_t) * (size_t)(maxrow + 1));
+    int32_t* ks = (int32_t*)malloc(sizeof(int32_t) * (size_t)(maxrow + 1));
+    int64_t d = 0, g = 0, w = 0;
+    int bad = 0;
+    new_crow[0] = 0;
+    for (int64_t i = 0; i < out; ++i) {
+        const int64_t base = i * in;
+        int64_t na = 0;
+        for (int32_t k = crow[i]; k < crow[i + 1]; ++k) {  // kept entries of the row, compacted
+            const int dropped = d < ndrop && drop[d] == k;
+            kc[na] = (int64_t)col[k]; ks[na] = k;
+            na += !dropped; d += dropped;
+        }
+        int64_t g1 = g;
+        while (g1 < ngrow && grow[g1] < base + in) ++g1;
+        int64_t a = 0;
+        while (a < na && g < g1) {  // merge by column: selects, no branch on the comparison
+            const int64_t gc = grow[g] - base;
+            const int take = kc[a] < gc;
+            bad |= kc[a] == gc;
+            new_col[w] = (I)(take ? kc[a] : gc);
+            src[w] = take ? ks[a] : -1;
+            ++w; a += take; g += !take;
+        }
+        for (; a < na; ++a, ++w) { new_col[w] = (I)kc[a]; src[w] = ks[a]; }
+        for (; g < g1; ++g, ++w) { new_col[w] = (I)(grow[g] - base); src[w] = -1; }
+        new_crow[i + 1] = (int32_t)w;
+    }
+    free(kc);
+    free(ks);
+    if (bad) return 1;
+    if (d != ndrop) return 3;
+    return 0;
+}
+
 extern "C" {
-int sb_abi_version(void) { return 4; }
+int sb_abi_version(void) { return 5; }
 int64_t sb_select_gt(const float* s, int64_t n, float tau, int64_t* out, int64_t cap) {
     return select_gt_impl(s, n, tau, out, cap);
+}
+// a[w] = a[src[w]] (0 where src[w] < 0) for w < n, through tmp (n floats): values and optimizer state to
+// the slots of a merged structure
+void sb_remap(const int32_t* src, int64_t n, float* a, float* tmp) {
+    for (int64_t w = 0; w < n; ++w) {  // selects, no branch on the 30% grown slots
+        const int32_t j = src[w];
+        const float v = a[j < 0 ? 0 : j];
+        tmp[w] = j < 0 ? 0.0f : v;
+    }
+    memcpy(a, tmp, sizeof(float) * (size_t)n);
+}
+int64_t sb_select_vals(const float* s, int64_t n, float tau, int absolute, int32_t* idx, float* val, int64_t cap,
+                       int nt) {
+    if (n >= ((int64_t)1 << 31)) return -1;  // int32 positions
+    return absolute ? select_vals_impl<true>(s, n, tau, idx, val, cap, nt)
+                    : select_vals_impl<false>(s, n, tau, idx, val, cap, nt);
 }
 #define EXPORT(SUF, I) \
 void sb_spmm_##SUF(int64_t out, int64_t B, const int32_t* crow, const I* col, const float* val, const float* xT, \
@@ -247,7 +372,10 @@ void sb_sddmm_##SUF(int64_t out, int64_t B, const int32_t* crow, const I* col, c
                     const float* dyT, int64_t ldd, float* dv, int chunk, int nt) { \
     sddmm_impl<I>(out, B, crow, col, xT, ldx, dyT, ldd, dv, chunk, nt); } \
 void sb_transpose_##SUF(int64_t out, int64_t in, const int32_t* crow, const I* col, const float* val, int32_t* t_crow, \
-                        int32_t* t_col, float* t_val) { transpose_impl<I>(out, in, crow, col, val, t_crow, t_col, t_val); }
+                        int32_t* t_col, float* t_val) { transpose_impl<I>(out, in, crow, col, val, t_crow, t_col, t_val); } \
+int sb_merge_##SUF(int64_t out, int64_t in, const int32_t* crow, const I* col, const int64_t* drop, int64_t ndrop, \
+                   const int64_t* grow, int64_t ngrow, int32_t* new_crow, I* new_col, int32_t* src, int64_t cap) { \
+    return merge_impl<I>(out, in, crow, col, drop, ndrop, grow, ngrow, new_crow, new_col, src, cap); }
 EXPORT(i16, int16_t)
 EXPORT(i32, int32_t)
 }
