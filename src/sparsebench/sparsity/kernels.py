@@ -223,8 +223,9 @@ class SparseKernels:
 
     name = "?"
 
-    def spmm(self, s: CSRStructure, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in) -> (B, out)``: ``x W^T``."""
+    def spmm(self, s: CSRStructure, values: torch.Tensor, x: torch.Tensor,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, in) -> (B, out)``: ``x W^T`` (``+ bias``, ``(out,)``, when given)."""
         raise NotImplementedError
 
     def spmm_t(self, s: CSRStructure, values: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -277,8 +278,9 @@ class TorchCSRKernels(SparseKernels):
             y[k:k + self.chunk] = torch.sparse.mm(w, x[k:k + self.chunk].t()).t()
         return y
 
-    def spmm(self, s, values, x):
-        return self._apply(_csr(s.crow, s.col32(), values, s.shape), x, s.shape[0])
+    def spmm(self, s, values, x, bias=None):
+        y = self._apply(_csr(s.crow, s.col32(), values, s.shape), x, s.shape[0])
+        return y if bias is None else y + bias
 
     def spmm_t(self, s, values, dy):
         t_crow, t_col, perm = s.transposed()
@@ -296,7 +298,10 @@ class TorchCSRKernels(SparseKernels):
 
 def _cpu32(*ts: torch.Tensor) -> bool:
     """Every tensor is a float32 CPU tensor (what the compiled backends, sparseprop and native, take)."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+    for t in ts:
+        if t.dtype != torch.float32 or t.is_cuda or t.device.type != "cpu":
+            return False
+    return True
 
 
 def _sparseprop_available() -> bool:
@@ -339,6 +344,9 @@ class SparsePropKernels(TorchCSRKernels):
         with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
             self._fused(x_t.detach(), s.crow, s.col32(), values.detach(), dy_t.detach(), dx_t, dv)
         return dx_t.t(), (dv if need_dv else None)
+
+
+_NATIVE_FNS: dict = {}  # (id(library), op, index dtype) -> the ctypes entry point
 
 
 def _native_available() -> bool:
@@ -408,25 +416,33 @@ class NativeKernels(TorchCSRKernels):
         return native.load()
 
     def _fn(self, op: str, col: torch.Tensor):
-        """The library's ``sb_<op>`` entry point for column indices of ``col``'s dtype (int16 / int32)."""
-        return getattr(self._lib(), f"sb_{op}_{'i16' if col.dtype == torch.int16 else 'i32'}")
+        """The library's ``sb_<op>`` entry point for column indices of ``col``'s dtype (int16 / int32),
+        looked up once per (op, dtype): a step of fc5 calls ten of them, and the lookup was per call."""
+        lib = self._lib()
+        key = (id(lib), op, col.dtype)
+        f = _NATIVE_FNS.get(key)
+        if f is None:  # kept outside the instance: ctypes pointers cannot be deep-copied with a model
+            f = _NATIVE_FNS[key] = getattr(lib, f"sb_{op}_{'i16' if col.dtype == torch.int16 else 'i32'}")
+        return f
 
     def _fwd_chunk(self, b: int) -> int:
         return self.FWD_CHUNK if b <= self.SMALL_BATCH else self.FWD_CHUNK_LARGE
 
     def _gather(self, n_rows: int, crow: torch.Tensor, col: torch.Tensor, v: torch.Tensor,
-                xt: torch.Tensor) -> torch.Tensor:
-        """``(n_rows, B)``: row ``i`` = ``sum_k v_k xt[col_k]`` over row ``i`` of the CSR (crow, col)."""
+                xt: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(n_rows, B)``: row ``i`` = ``bias_i + sum_k v_k xt[col_k]`` over row ``i`` of the CSR (crow, col)."""
         b = xt.shape[1]
         yt = torch.empty(n_rows, b, dtype=torch.float32)
-        self._fn("spmm", col)(n_rows, b, crow.data_ptr(), col.data_ptr(), v.data_ptr(), xt.data_ptr(), xt.stride(0),
+        self._fn("spmm", col)(n_rows, b, crow.data_ptr(), col.data_ptr(), v.data_ptr(),
+                              None if bias is None else bias.data_ptr(), xt.data_ptr(), xt.stride(0),
                               yt.data_ptr(), b, self._fwd_chunk(b), torch.get_num_threads())
         return yt
 
-    def spmm(self, s, values, x):
-        if not _cpu32(values, x) or x.shape[0] == 0:
-            return super().spmm(s, values, x)
-        return self._gather(s.shape[0], s.crow, s.col, values.detach().contiguous(), _feature_major(x)).t()
+    def spmm(self, s, values, x, bias=None):
+        if not _cpu32(values, x, *(() if bias is None else (bias,))) or x.shape[0] == 0:
+            return super().spmm(s, values, x, bias)
+        b = None if bias is None else bias.detach().contiguous()
+        return self._gather(s.shape[0], s.crow, s.col, values.detach().contiguous(), _feature_major(x), b).t()
 
     def sddmm(self, s, dy, x):
         if not _cpu32(dy, x) or x.shape[0] == 0:
@@ -466,10 +482,10 @@ class NativeKernels(TorchCSRKernels):
             del t_crow, t_col, t_val
             return dxt.t(), (self._sddmm(s, xt, dyt) if need_dv else None)
         ld = -(-b // 16) * 16  # dx rows padded to whole cache lines: threads own disjoint lines
-        dxt = torch.zeros(s.shape[1], ld, dtype=torch.float32)[:, :b]
+        dxt = torch.empty(s.shape[1], ld, dtype=torch.float32)[:, :b]  # zeroed by the kernel
         dv = torch.empty(s.nnz, dtype=torch.float32) if need_dv else None
-        self._fn("bwd", s.col)(s.shape[0], s.nnz, b, s.crow.data_ptr(), s.col.data_ptr(), v.data_ptr(), xt.data_ptr(),
-                               xt.stride(0), dyt.data_ptr(), dyt.stride(0), dxt.data_ptr(), ld,
+        self._fn("bwd", s.col)(s.shape[0], s.shape[1], s.nnz, b, s.crow.data_ptr(), s.col.data_ptr(), v.data_ptr(),
+                               xt.data_ptr(), xt.stride(0), dyt.data_ptr(), dyt.stride(0), dxt.data_ptr(), ld,
                                dv.data_ptr() if dv is not None else None, self._bwd_chunk(b), torch.get_num_threads())
         return dxt.t(), dv
 

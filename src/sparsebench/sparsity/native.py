@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's
 
 SOURCE = Path(__file__).with_name("csrc") / "csr_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
-ABI_VERSION = 5
+ABI_VERSION = 6
 _reason: Optional[str] = None
 
 
@@ -80,8 +80,8 @@ def _build(cxx: str, target: Path) -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, L, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suf in ("i16", "i32"):
-        getattr(lib, f"sb_spmm_{suf}").argtypes = [L, L, P, P, P, P, L, P, L, I, I]
-        getattr(lib, f"sb_bwd_{suf}").argtypes = [L, L, L, P, P, P, P, L, P, L, P, L, P, I, I]
+        getattr(lib, f"sb_spmm_{suf}").argtypes = [L, L, P, P, P, P, P, L, P, L, I, I]
+        getattr(lib, f"sb_bwd_{suf}").argtypes = [L, L, L, L, P, P, P, P, L, P, L, P, L, P, I, I]
         getattr(lib, f"sb_sddmm_{suf}").argtypes = [L, L, P, P, P, L, P, L, P, I, I]
         getattr(lib, f"sb_transpose_{suf}").argtypes = [L, L, P, P, P, P, P, P]
         getattr(lib, f"sb_merge_{suf}").argtypes = [L, L, P, P, P, L, P, L, P, P, P, L]

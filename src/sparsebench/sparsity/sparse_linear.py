@@ -83,19 +83,24 @@ def _searchsorted(seq: torch.Tensor, values: torch.Tensor, right: bool = False) 
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    """``y = x W^T`` with ``W`` given by (structure, values); gradients for ``x`` and ``values`` only."""
+    """``y = x W^T + b`` with ``W`` given by (structure, values); gradients for ``x``, ``values`` and ``b``.
+    The bias is added inside the product (the native gather starts its sums at ``b``): no separate add
+    node in the graph."""
 
     @staticmethod
-    def forward(ctx, x, values, structure, kernels):
+    def forward(ctx, x, values, bias, structure, kernels):
         ctx.structure, ctx.kernels = structure, kernels
+        if x.stride(0) != 1 and x.device.type == "cpu" and x.shape[0] > 1:
+            x = x.t().contiguous().t()  # feature-major once, for the forward and the backward (no second copy)
         ctx.save_for_backward(x, values)
-        return kernels.spmm(structure, values, x)
+        return kernels.spmm(structure, values, x, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         dx, dv = ctx.kernels.backward(ctx.structure, values, x, dy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dv, None, None
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dv, db, None, None
 
 
 class SparseTrainLinear(nn.Module):
@@ -168,9 +173,7 @@ class SparseTrainLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.structure, self.kernels)
-        if self.bias is not None:
-            y = y + self.bias
+        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.bias, self.structure, self.kernels)
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
