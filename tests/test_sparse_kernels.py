@@ -313,19 +313,74 @@ _NATIVE = pytest.mark.skipif("native" not in available_kernels(), reason="native
 
 
 @_NATIVE
+@pytest.mark.parametrize("shape,in_dtype", [((300, 500), torch.int16), ((40, 40000), torch.int32)])
+def test_native_topology_merge_equals_the_torch_merge(shape, in_dtype, monkeypatch):
+    """update_topology's native merge (sb_merge + sb_remap) leaves the same structure, values, momentum and
+    gradient as the torch merge it replaces on the CPU (forced by disabling the native path), for int16
+    and int32 column indices, rows emptied and filled; and refuses the same bad edits (grown position
+    repeated, on a kept one, out of range; drop slot repeated or out of range)."""
+    from sparsebench.sparsity.sparse_linear import SparseTrainLinear
+
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(*shape, generator=g) < 0.02).float()
+    mask[3] = 0.0  # an empty row that will be grown into
+    mask[5, :] = 0.0
+    mask[5, :7] = 1.0  # a row that is dropped whole
+    w = torch.randn(*shape, generator=g) * mask
+
+    def fresh():
+        layer = SparseTrainLinear(w, mask, None, kernels="torch_csr")
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+        layer(torch.randn(4, shape[1], generator=torch.Generator().manual_seed(1))).sum().backward()
+        opt.step()
+        return layer, opt
+
+    ref, ref_opt = fresh()
+    got, got_opt = fresh()
+    assert got.structure.col.dtype == in_dtype
+    flat = ref.structure.flat()
+    n = flat.numel() // 3
+    start5 = int(ref.structure.crow[5])
+    drop = torch.cat([torch.arange(start5, start5 + 7), torch.randperm(flat.numel(), generator=g)[:3 * n]])
+    drop = torch.unique(drop)[:n]
+    free = torch.ones(shape[0] * shape[1], dtype=torch.bool)
+    free[flat] = False
+    free[3 * shape[1]:3 * shape[1] + 5] = False  # grown below explicitly
+    cand = free.nonzero().squeeze(1)
+    grow = torch.cat([torch.arange(3 * shape[1], 3 * shape[1] + 5), cand[torch.randperm(cand.numel(), generator=g)[:n - 5]]])
+    monkeypatch.setattr(SparseTrainLinear, "_merge_native", lambda self, s, d, gr: None)
+    ref.update_topology(drop, grow, ref_opt)
+    monkeypatch.undo()
+    got.update_topology(drop, grow, got_opt)
+    assert torch.equal(got.crow, ref.crow) and torch.equal(got.col, ref.col)
+    assert torch.equal(got.values.detach(), ref.values.detach())
+    assert torch.equal(got.values.grad, ref.values.grad)
+    assert torch.equal(got_opt.state[got.values]["momentum_buffer"], ref_opt.state[ref.values]["momentum_buffer"])
+    flat2 = got.structure.flat()
+    keep = torch.arange(2)
+    for bad_drop, bad_grow in [(keep, grow[[0, 0]]), (keep, flat2[[5, 6]]), (keep, torch.tensor([0, shape[0] * shape[1]])),
+                               (torch.tensor([1, 1]), grow[:2]), (torch.tensor([0, flat2.numel()]), grow[:2])]:
+        with pytest.raises(ValueError):
+            got.update_topology(bad_drop, bad_grow, got_opt)
+
+
+@_NATIVE
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_kernels_equal_torch_csr_at_every_chunking(threads):
-    """The native products equal torch CSR's (forward, fused dx + dv, dv alone, dx alone) on shapes that
-    exercise every register-block width (batch 1 .. 1024: one partial vector up to 8 per chunk, chunks
-    split across threads), int16 and int32 column indices, batch- and feature-major inputs; repeated
-    calls give bit-identical results (fixed summation order)."""
+    """The native products equal torch CSR's (forward with and without bias, fused dx + dv, dv alone, dx
+    alone) on shapes that exercise every register-block width (batch 1 .. 1024: one partial vector up to 8
+    per chunk, chunks split across threads), the backward's one-thread fused pass and its split one (dx by
+    batch chunks, dv by rows: 400 x 300 at 20%, batch 130, above 2M products), int16 and int32 column
+    indices, batch- and feature-major inputs; repeated calls give bit-identical results (fixed summation
+    order)."""
     nk, tk = get_kernels("native"), TorchCSRKernels()
     g = torch.Generator().manual_seed(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for out, inp, density, batch in [(7, 5, 0.5, 1), (33, 17, 0.3, 3), (100, 40000, 0.001, 17),
-                                         (257, 129, 0.05, 100), (64, 64, 1.0, 300), (50, 60, 0.05, 1024)]:
+                                         (257, 129, 0.05, 100), (400, 300, 0.2, 130), (64, 64, 1.0, 300),
+                                         (50, 60, 0.05, 1024)]:
             mask = _random_mask((out, inp), density, g)
             s = CSRStructure.from_mask(mask)
             assert s.col.dtype == (torch.int32 if inp > 32767 else torch.int16)
@@ -335,6 +390,8 @@ def test_native_kernels_equal_torch_csr_at_every_chunking(threads):
                 tol = dict(rtol=1e-4, atol=1e-3)
                 y = nk.spmm(s, v, xx)
                 torch.testing.assert_close(y, tk.spmm(s, v, xx), **tol)
+                b = torch.randn(out, generator=g)
+                torch.testing.assert_close(nk.spmm(s, v, xx, b), y + b, **tol)
                 dx, dv = nk.backward(s, v, xx, dd, True, True)
                 rdx, rdv = tk.backward(s, v, xx, dd, True, True)
                 torch.testing.assert_close(dx, rdx, **tol)
