@@ -326,8 +326,8 @@ def test_flat_faiss_search_from_the_weight_gradient_equals_the_vector_search():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_select_above_equals_abs_compare_exclude_and_gather(threads):
     """select_above (native when built, threaded parts packed in order; else torch) equals the torch
-    reference: |t| > thr or t > thr, NaN never above, values gathered; sizes below / above the native and
-    threading cut-offs, off a vector multiple; a capacity overflow retried."""
+    reference: |t| > thr or t > thr, NaN never above, listed positions left out, values gathered; sizes
+    below / above the native and threading cut-offs, off a vector multiple; a capacity overflow retried."""
     from sparsebench.core.threads import scoped_threads
     from sparsebench.dst.selection import flat_nonzero, select_above
 
@@ -336,6 +336,7 @@ def test_select_above_equals_abs_compare_exclude_and_gather(threads):
         for size in (100, 4096, 65535, 65536 * 3 + 7, 1 << 20):
             t = torch.randn(size, generator=g)
             t[3::89] = float("nan")
+            ex = torch.unique(torch.randint(0, size, (size // 20,), generator=g))
             for absolute in (False, True):
                 for thr in (2.0, 0.1, -0.5):  # 0.1 with |t|: more than the first capacity (size / 64) passes
                     v = t.abs() if absolute else t
@@ -343,6 +344,10 @@ def test_select_above_equals_abs_compare_exclude_and_gather(threads):
                     i, val = select_above(t, thr, absolute)
                     assert torch.equal(i, want), (size, absolute, thr)
                     assert torch.equal(val, v[want])
+                    keep = v > thr
+                    keep[ex] = False
+                    i, val = select_above(t, thr, absolute, exclude=ex)  # listed positions left out
+                    assert torch.equal(i, flat_nonzero(keep)) and torch.equal(val, v[flat_nonzero(keep)])
 
 
 def test_indices_above_equals_the_compare_and_nonzero_it_replaces():

@@ -123,11 +123,13 @@ def _largest(v: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(v, n, sorted=False).indices
 
 
-def _block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``n`` of one score block ``s`` (1-D; excluded entries NaN; ``absolute``: of ``|s|``) as
-    ``(flat, values)``: the ``1.2 n / N`` quantile (plus four standard errors) of a fixed sample is the
-    threshold of one :func:`select_above` pass, and the top-n is taken among the entries above it; when
-    fewer than ``n`` pass (or for a small block), every entry is ranked (:func:`topk_indices`)."""
+def _block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict],
+               exclude: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``n`` of one score block ``s`` (1-D; ``absolute``: of ``|s|``) outside the ascending flat
+    positions ``exclude``, as ``(flat, values)``: the ``1.2 n / N`` quantile (plus four standard errors) of
+    a fixed sample is the threshold of one :func:`select_above` pass, and the top-n is taken among the
+    entries above it; when fewer than ``n`` pass (or for a small block), the excluded entries are marked
+    NaN and every entry is ranked (:func:`topk_indices`)."""
     N = s.numel()
     if N >= 16384 and n <= N // 16:
         sub = s[_sample_positions(N, min(8192, N // 8), s.device, memo)]
@@ -138,10 +140,11 @@ def _block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict]) ->
             frac = min(1.0, 1.2 * p + 4.0 * math.sqrt(p * (1 - p) / size) + 2.0 / size)
             k = max(1, min(size, int(frac * size)))
             t0 = float(torch.kthvalue(sub.cpu(), size - k + 1).values)
-            i, v = select_above(s, t0, absolute)
+            i, v = select_above(s, t0, absolute, exclude=exclude)
             if i.numel() >= n:
                 top = _largest(v, n)
                 return i[top.to(i.device)], v[top.to(v.device)]
+    _mark(s, exclude)
     if absolute:
         s = s.abs()
     s = s.nan_to_num(nan=_NEG_INF)
@@ -210,17 +213,17 @@ def _blocked_topn(score_rows, layer: LayerUpdate, n: int, rows: int, absolute: b
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         s = score_rows(r0, r1).reshape(-1)
-        _mark(s, layer.excluded_in_rows(r0, r1))  # NaN: never above any threshold
+        ex = layer.excluded_in_rows(r0, r1)  # left out by the select (or marked NaN where every entry is ranked)
         if t is None:
             m = min(n, s.numel())
             if estimate:
                 share = n * s.numel() / N
                 m = min(m, int(math.ceil(1.25 * share + 4.0 * math.sqrt(share))))
-            i, v = _block_top(s, m, absolute, memo)
+            i, v = _block_top(s, m, absolute, memo, ex)
             if estimate and m < n and v.numel() == m:
                 t_est = t = float(v.min())
         else:
-            i, v = select_above(s, t, absolute)
+            i, v = select_above(s, t, absolute, exclude=ex)
         kept_v.append(v.to(torch.float32))
         kept_f.append(i.to(torch.long) + r0 * n_in)
         waiting += v.numel()

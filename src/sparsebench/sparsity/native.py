@@ -92,6 +92,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sb_select_gt.restype = L
     lib.sb_select_vals.argtypes = [P, L, ctypes.c_float, I, P, P, L, I]
     lib.sb_select_vals.restype = L
+    lib.sb_drop_listed.argtypes = [P, P, L, P, L]
+    lib.sb_drop_listed.restype = L
     lib.sb_remap.argtypes = [P, L, P, P]
     lib.sb_remap.restype = None
     lib.sb_abi_version.restype = I

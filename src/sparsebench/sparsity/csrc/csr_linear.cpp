@@ -8,7 +8,8 @@
 //   sb_bwd    dxT[j, :]  = sum val[k] * dyT[i, :] over k = (i, j)            (dx = dy W, a scatter: no W^T)
 //             dv[k]      = <dyT[i, :], xT[j, :]>                             (SDDMM, fused in the same pass)
 //   sb_sddmm  dv only, row-parallel.
-//   sb_select_gt / sb_select_vals   the scores above a threshold (topology updates' candidate selection)
+//   sb_select_gt / sb_select_vals / sb_drop_listed   the scores above a threshold, minus listed positions
+//             (topology updates' candidate selection)
 //   sb_merge  the structure after a drop / grow: kept slots merged with the grown positions, one pass
 //   sb_remap  values and optimizer state moved to the merged slots
 //
@@ -265,8 +266,10 @@ static int64_t select_gt_impl(const float* s, int64_t n, float tau, int64_t* out
 
 // The entries of s[0 .. n) above tau (ABS: |s| > tau), n < 2^31: their int32 positions (ascending) and
 // scores (ABS: |s|). nt threads over nt contiguous parts; part p writes into idx / val[p * (cap / nt) ..] and
-// the parts are then packed to the front. Branch-free per hit: a vector's hits are compressed in registers
-// and stored whole (16 slots of room kept), so the cost does not grow with mispredicted per-hit branches.
+// the parts are then packed to the front. One branch per 64 scores (none per hit): a group of four vectors
+// with a hit compresses each vector's hits in registers and stores them whole (16 slots of room kept). 4M
+// scores, one thread: 0.8% above 0.86 ms against 1.09 with a branch per vector and hit; 4.5% above 1.8 ms
+// against 4.5.
 // Returns the total count, or -(room needed) when a part overflowed its share of cap.
 template <bool ABS>
 static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t* idx, float* val, int64_t cap, int nt) {
@@ -284,17 +287,28 @@ static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t* i
         int32_t* oi = idx + share * p;
         float* ov = val + share * p;
         int64_t c = 0;
-        for (; i + 16 <= end; i += 16) {
-            __m512 v = _mm512_loadu_ps(s + i);
-            if (ABS) v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), absm));
-            const __mmask16 m = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
-            if (!m) continue;
-            if (c + 16 <= share) {
-                _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)i))));
-                _mm512_storeu_ps(ov + c, _mm512_maskz_compress_ps(m, v));
-            }
-            c += __builtin_popcount((unsigned)m);
+#define SB_LOAD(V, OFF) __m512 V = _mm512_loadu_ps(s + i + (OFF)); \
+        if (ABS) V = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(V), absm));
+#define SB_STORE(V, M, OFF) \
+        if (c + 16 <= share) { \
+            _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(M, _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(i + (OFF)))))); \
+            _mm512_storeu_ps(ov + c, _mm512_maskz_compress_ps(M, V)); \
+        } \
+        c += __builtin_popcount((unsigned)(M));
+        for (; i + 64 <= end; i += 64) {  // one branch per 64 scores; a group with a hit stores all four
+            SB_LOAD(v0, 0) SB_LOAD(v1, 16) SB_LOAD(v2, 32) SB_LOAD(v3, 48)
+            const __mmask16 m0 = _mm512_cmp_ps_mask(v0, t, _CMP_GT_OQ), m1 = _mm512_cmp_ps_mask(v1, t, _CMP_GT_OQ);
+            const __mmask16 m2 = _mm512_cmp_ps_mask(v2, t, _CMP_GT_OQ), m3 = _mm512_cmp_ps_mask(v3, t, _CMP_GT_OQ);
+            if (!(m0 | m1 | m2 | m3)) continue;
+            SB_STORE(v0, m0, 0) SB_STORE(v1, m1, 16) SB_STORE(v2, m2, 32) SB_STORE(v3, m3, 48)
         }
+        for (; i + 16 <= end; i += 16) {
+            SB_LOAD(v, 0)
+            const __mmask16 m = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+            SB_STORE(v, m, 0)
+        }
+#undef SB_LOAD
+#undef SB_STORE
         for (; i < end; ++i) {
             const float v = ABS ? fabsf(s[i]) : s[i];
             if (v > tau) { if (c < share) { oi[c] = (int32_t)i; ov[c] = v; } ++c; }
@@ -381,6 +395,19 @@ void sb_remap(const int32_t* src, int64_t n, float* a, float* tmp) {
         tmp[w] = j < 0 ? 0.0f : v;
     }
     memcpy(a, tmp, sizeof(float) * (size_t)n);
+}
+// removes from the c ascending positions idx (and their val) those in ex (nex ascending): one merge pass
+// over both lists; returns the count kept
+int64_t sb_drop_listed(int32_t* idx, float* val, int64_t c, const int64_t* ex, int64_t nex) {
+    int64_t e = 0, w = 0;
+    for (int64_t r = 0; r < c; ++r) {
+        const int64_t q = idx[r];
+        while (e < nex && ex[e] < q) ++e;
+        const int keep = !(e < nex && ex[e] == q);
+        idx[w] = idx[r]; val[w] = val[r];
+        w += keep;
+    }
+    return w;
 }
 int64_t sb_select_vals(const float* s, int64_t n, float tau, int absolute, int32_t* idx, float* val, int64_t cap,
                        int nt) {
