@@ -153,8 +153,9 @@ class SparseTrainLinear(nn.Module):
         """The :class:`CSRStructure` over the current buffers; one object kept while they are unchanged,
         so a backend's cached transposed structure lives until the next topology update / load."""
         s = self.__dict__.get("_structure")
-        if s is None or not s.backed_by(self.crow, self.col):
-            s = CSRStructure((self.out_features, self.in_features), self.crow, self.col)
+        b = self._buffers  # not through nn.Module.__getattr__: this runs twice per layer and step
+        if s is None or not s.backed_by(b["crow"], b["col"]):
+            s = CSRStructure((self.out_features, self.in_features), b["crow"], b["col"])
             self.__dict__["_structure"] = s
         return s
 
@@ -172,6 +173,8 @@ class SparseTrainLinear(nn.Module):
         return self.nnz / (self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return _SparseLinearFn.apply(x, self.values, self.bias, self.structure, self.kernels)
         lead = x.shape[:-1]
         y = _SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.bias, self.structure, self.kernels)
         return y.reshape(*lead, self.out_features)
