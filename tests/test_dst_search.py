@@ -378,3 +378,24 @@ def test_indices_above_equals_the_compare_and_nonzero_it_replaces():
     s = torch.randn(1 << 20, generator=g)
     for n in (10, 5000, 100000):
         assert set(topk_indices(s, n).tolist()) == set(torch.topk(s, n).indices.tolist())
+
+
+@pytest.mark.parametrize("metric_cls,k_similar", [(AbsInnerProduct, 0.15), (AbsInnerProduct, 0.01), (L2Similarity, 0.02)])
+def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(metric_cls, k_similar):
+    """FaissSearch.find_sparse (row blocks of S, one threshold, list ranks from the preselection, the
+    sorted excluded positions instead of a mask) returns find's set (per_query_topn on the whole S,
+    itself tested against faiss' index) for two-sign and one-sign metrics, lists that bind (k of 1-2%:
+    queries lose pairs to their list length) and blocks of 7 and 64 rows or the whole matrix."""
+    g = torch.Generator().manual_seed(11)
+    n_out, n_in, B, n = 300, 200, 16, 150
+    G, U = torch.randn(B, n_out, generator=g), torch.randn(B, n_in, generator=g)
+    G[:, :5] *= 6.0  # a few strong output units: their queries' lists fill up
+    mask = (torch.rand(n_out * n_in, generator=g) < 0.03).to(torch.uint8)
+    ex = mask.nonzero().squeeze(1)
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, U, G, shape=(n_out, n_in), excluded=ex)
+    metric = metric_cls()
+    want = set(FaissSearch(metric, k_similar).find("l", G, U, mask, n).tolist())
+    for rows in (7, 64, n_out):
+        got = FaissSearch(metric, k_similar).find_sparse("l", G, U, lu, n, rows * n_in)
+        assert set(got.tolist()) == want, rows
+        assert got.numel() == n and not bool(mask[got].any())

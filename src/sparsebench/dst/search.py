@@ -29,7 +29,7 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import _NEG_INF, host_view, topk_indices
+from sparsebench.dst.selection import _NEG_INF, block_top, host_view, select_above, topk_indices
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
 SEARCHES: Registry = Registry("method.search")
@@ -136,6 +136,13 @@ class Search:
         (truly sparse layers, ``trainer.sparse_kernels=true``: no ``(n_out, n_in)`` matrix); by default
         :meth:`find` itself."""
         return self.find(key, G, U, mask_flat, n)
+
+    def find_sparse(self, key: str, G: torch.Tensor, U: torch.Tensor, layer, n: int,
+                    block_elements: int) -> torch.Tensor:
+        """:meth:`find_bounded` for a truly sparse layer, given as its
+        :class:`~sparsebench.dst.grow.LayerUpdate` (``layer.excluded``: the sorted non-growable positions);
+        by default through the layer's full ``mask_flat``."""
+        return self.find_bounded(key, G, U, layer.mask_flat, n, block_elements)
 
     def find_scores(self, key: str, S: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
         """:meth:`find` from the ``(n_out, n_in)`` matrix ``S = metric.signed_scores(G, U)`` when the
@@ -433,6 +440,74 @@ class FaissSearch(Search):
             f = (got // (c1 - c0)) * n_in + c0 + got % (c1 - c0)
             best_v, best_f = keep_topn(best_v, best_f, v, f, n)
         return best_f
+
+    def find_sparse(self, key, G, U, layer, n, block_elements):
+        """The flat-index search on a truly sparse layer in row blocks of ``S = signed_scores(G, U)``, without
+        the ``(n_out, n_in)`` mask: every pair whose score (``|S|`` for two signs) exceeds one threshold
+        ``t > 0`` is preselected from each block by one native pass (:func:`select_above`; active pairs
+        too, since they hold places in the query lists), with its sign. As in :func:`per_query_topn`, a
+        preselected pair's rank in its query's list (column ``i``, its sign) is then exact, because every
+        pair of that list scoring higher is preselected as well (:func:`_within_rank`); the growable
+        listed pairs (the sorted ``layer.excluded`` dropped by a binary search) are the answer's
+        candidates, and if ``n`` remain their top-n is :meth:`find`'s set up to ties. ``t`` is the first
+        block's score at its share of ``margin * n`` (1.3 to 4, grown after a miss) plus four standard
+        deviations; a miss halves ``t`` (twice) and scores the blocks again, then falls back to
+        :meth:`find_bounded`. Only metrics answered from scores, float32 on the CPU; else that fallback."""
+        n_out, n_in = G.shape[1], U.shape[1]
+        signs = tuple(int(v) for v in self.metric.signs)
+        ex = layer.excluded
+        if (n <= 0 or not self.answers_from_scores() or signs not in ((1,), (1, -1)) or ex is None
+                or G.device.type != "cpu" or G.dtype != torch.float32 or U.dtype != torch.float32):
+            return super().find_sparse(key, G, U, layer, n, block_elements)
+        two = len(signs) == 2
+        N, k = n_out * n_in, _k_per_query(self.k_similar, n_out)
+        rows = max(1, int(block_elements) // max(1, n_in))
+        buf = self._products.get(key + "/rows")
+        if buf is None or buf.numel() < rows * n_in:
+            buf = self._products[key + "/rows"] = torch.empty(rows * n_in)
+        hint = self._hints.setdefault(key + "/sparse", {})
+        margin = hint.get("mg", 1.3)
+        exn = ex.cpu().numpy()
+        t: Optional[float] = None
+        for _ in range(3):
+            P, V, NEG = [], [], []
+            for r0 in range(0, n_out, rows):
+                r1 = min(n_out, r0 + rows)
+                blk = self.metric.signed_scores(G[:, r0:r1], U, out=buf[:(r1 - r0) * n_in].view(r1 - r0, n_in))
+                sflat = blk.reshape(-1)
+                if t is None:
+                    share = margin * n * sflat.numel() / N
+                    m = min(sflat.numel(), int(math.ceil(share + 4.0 * math.sqrt(share))) + 1)
+                    _, v1 = block_top(sflat, m, two, None, torch.empty(0, dtype=torch.long))
+                    t = float(v1.min()) if v1.numel() else 0.0
+                    if two and not t > 0:  # zero scores reach both lists: the exact ranks need t > 0
+                        return super().find_sparse(key, G, U, layer, n, block_elements)
+                i, v = select_above(sflat, t, two)
+                i_np = i.numpy()
+                P.append(i_np + r0 * n_in)
+                V.append(v.numpy())
+                if two:
+                    NEG.append(host_view(sflat)[i_np] < 0)
+            P, V = np.concatenate(P), np.concatenate(V)
+            group = P % n_in
+            if two:
+                group = 2 * group + np.concatenate(NEG)
+            ok = np.ones(P.size, dtype=bool)
+            if exn.size:
+                at = np.minimum(np.searchsorted(exn, P), exn.size - 1)
+                ok = exn[at] != P
+            listed = _within_rank(group, V, k)
+            if listed is not None:
+                ok &= listed
+            f, sv = P[ok], V[ok]
+            if f.size >= n:
+                hint["mg"] = max(1.3, 0.95 * margin)
+                if f.size > n:
+                    f = f[np.argpartition(sv, f.size - n)[f.size - n:]]
+                return torch.from_numpy(f).to(torch.long)
+            margin = hint["mg"] = min(4.0, 1.5 * margin)
+            t *= 0.5
+        return super().find_sparse(key, G, U, layer, n, block_elements)
 
     def find_index(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
         """The search through the faiss library's index of the metric (:meth:`SimilarityMetric.index`):

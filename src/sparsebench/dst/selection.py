@@ -3,6 +3,8 @@
 * :func:`topk_indices`: exact top-n of a score vector (like ``torch.topk``, the same set up to ties),
   fast for large vectors and small ``n`` through a threshold estimated from a fixed sample or carried
   from the previous call (``hint``); on CPU the selection runs in numpy.
+* :func:`select_above`: the scores above a threshold (or ``|s|`` above), minus listed positions, in one
+  native pass; :func:`block_top`: the exact top-n of one score block through it.
 * :func:`random_growable`: ``n`` uniformly random positions among the inactive ones (SET's growth,
   and the fill when a score-based criterion has no score for a layer).
 * :func:`host_view`: a numpy view of a CPU tensor (same memory), else the tensor (CUDA).
@@ -294,6 +296,53 @@ def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
     if cand.numel() < n or cand.numel() > N // 2:
         return torch.topk(scores, n, largest=largest, sorted=False).indices
     return cand[torch.topk(scores.index_select(0, cand), n, largest=largest, sorted=False).indices]
+
+
+def _mark(s: torch.Tensor, positions: torch.Tensor) -> None:
+    """``s[positions] = NaN`` (1-D ``s``; numpy's fancy assignment on a CPU view: 42k positions of a 4M
+    block in 0.1 ms against 0.4 ms through torch's ``index_put_``)."""
+    a = host_view(s)
+    if isinstance(a, np.ndarray) and positions.device.type == "cpu":
+        a[positions.numpy()] = np.nan
+    else:
+        s[positions.to(s.device)] = float("nan")
+
+
+def largest_indices(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` largest entries of a 1-D ``v`` (a set; numpy's argpartition on the CPU)."""
+    a = host_view(v)
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.argpartition(a, a.size - n)[a.size - n:])
+    return torch.topk(v, n, sorted=False).indices
+
+
+def block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict],
+               exclude: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``n`` of one score block ``s`` (1-D; ``absolute``: of ``|s|``) outside the ascending flat
+    positions ``exclude``, as ``(flat, values)``: the ``1.2 n / N`` quantile (plus four standard errors) of
+    a fixed sample is the threshold of one :func:`select_above` pass, and the top-n is taken among the
+    entries above it; when fewer than ``n`` pass (or for a small block), the excluded entries are marked
+    NaN and every entry is ranked (:func:`topk_indices`)."""
+    N = s.numel()
+    if N >= 16384 and n <= N // 16:
+        sub = s[_sample_positions(N, min(8192, N // 8), s.device, memo)]
+        sub = sub[~torch.isnan(sub)]
+        sub = sub.abs() if absolute else sub
+        if sub.numel():
+            p, size = n / N, sub.numel()
+            frac = min(1.0, 1.2 * p + 4.0 * math.sqrt(p * (1 - p) / size) + 2.0 / size)
+            k = max(1, min(size, int(frac * size)))
+            t0 = float(torch.kthvalue(sub.cpu(), size - k + 1).values)
+            i, v = select_above(s, t0, absolute, exclude=exclude)
+            if i.numel() >= n:
+                top = largest_indices(v, n)
+                return i[top.to(i.device)], v[top.to(v.device)]
+    _mark(s, exclude)
+    if absolute:
+        s = s.abs()
+    s = s.nan_to_num(nan=_NEG_INF)
+    i = topk_indices(s, min(n, N))
+    return i, s[i]
 
 
 def reset_state_at(optimizer: torch.optim.Optimizer, param: nn.Parameter, *flat_idx) -> None:
