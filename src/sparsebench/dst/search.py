@@ -190,6 +190,24 @@ def keep_topn(best_v: Optional[torch.Tensor], best_f: Optional[torch.Tensor], v:
     return v, f
 
 
+def _drop_sorted(f: np.ndarray, v: np.ndarray, ex: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``f`` (ascending int64 positions) and their ``v`` without the positions in ``ex`` (ascending): the
+    native merge pass (``sb_drop_listed``) where built and the positions fit int32, else a binary search."""
+    if not ex.size or not f.size:
+        return f, v
+    from sparsebench.sparsity import native
+
+    lib = native.load()
+    if lib is not None and int(f[-1]) < 2 ** 31:
+        fi, vv = f.astype(np.int32), np.ascontiguousarray(v, dtype=np.float32)
+        ex = np.ascontiguousarray(ex, dtype=np.int64)
+        c = lib.sb_drop_listed(fi.ctypes.data, vv.ctypes.data, fi.size, ex.ctypes.data, ex.size)
+        return fi[:c].astype(np.int64), vv[:c]
+    at = np.minimum(np.searchsorted(ex, f), ex.size - 1)
+    keep = ex[at] != f
+    return f[keep], v[keep]
+
+
 def _k_per_query(k_similar: float, n_out: int) -> int:
     """The thesis' ``k = ceil(k_similar * a)`` results per query (``a = n_out`` indexed vectors), in ``[1, a]``."""
     return min(n_out, max(1, int(math.ceil(k_similar * n_out))))
@@ -492,14 +510,9 @@ class FaissSearch(Search):
             group = P % n_in
             if two:
                 group = 2 * group + np.concatenate(NEG)
-            ok = np.ones(P.size, dtype=bool)
-            if exn.size:
-                at = np.minimum(np.searchsorted(exn, P), exn.size - 1)
-                ok = exn[at] != P
             listed = _within_rank(group, V, k)
-            if listed is not None:
-                ok &= listed
-            f, sv = P[ok], V[ok]
+            f, sv = (P, V) if listed is None else (P[listed], V[listed])
+            f, sv = _drop_sorted(f, sv, exn)  # growable pairs only
             if f.size >= n:
                 hint["mg"] = max(1.3, 0.95 * margin)
                 if f.size > n:
