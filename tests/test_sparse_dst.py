@@ -410,3 +410,20 @@ def _ddp_worker(out):
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+def test_random_growable_from_sorted_active_positions_equals_the_mask_draw():
+    """SET's growth on a sparse layer tests its draws against the sorted active positions instead of a
+    numel-byte mask: the same positions at the same generator state (with and without an exclude list),
+    and the dense-layer fallback (fewer than a quarter growable) as well."""
+    from sparsebench.dst.selection import random_growable
+
+    g = torch.Generator().manual_seed(6)
+    for numel, density, n in [(50_000, 0.02, 300), (4000, 0.8, 50)]:
+        mask = (torch.rand(numel, generator=g) < density).to(torch.uint8)
+        active = mask.nonzero().squeeze(1)
+        exclude = torch.randint(0, numel, (40,), generator=g)
+        for ex in (None, exclude):
+            a = random_growable(mask, n, torch.Generator().manual_seed(1), exclude=ex)
+            b = random_growable(None, n, torch.Generator().manual_seed(1), exclude=ex, active=active, numel=numel)
+            assert torch.equal(a, b) and not bool(mask[b].any())

@@ -91,6 +91,15 @@ class LayerUpdate:
             self._mask = m
         return self._mask
 
+    def random_growable(self, n: int, generator: torch.Generator,
+                        exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`~sparsebench.dst.selection.random_growable` on this layer: a sparse layer tests its draws
+        against ``excluded`` (no ``numel``-byte mask built), with the same result as on the mask."""
+        if self._mask is None and self.excluded is not None:
+            return random_growable(None, n, generator, exclude=exclude, active=self.excluded,
+                                   numel=self.shape[0] * self.shape[1])
+        return random_growable(self.mask_flat, n, generator, exclude=exclude)
+
     def excluded_in_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Non-growable positions of rows ``[r0, r1)``, as flat indices into that row block (long)."""
         n_in = self.shape[1]
@@ -278,7 +287,7 @@ class GrowCriterion:
     def random_fill(self, layer: LayerUpdate, n: int, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``n`` random growable positions (not in ``exclude``), counted in ``stats['random_fill']``."""
         self.count("random_fill", n)
-        return random_growable(layer.mask_flat, n, self.generator, exclude=exclude)
+        return layer.random_growable(n, self.generator, exclude=exclude)
 
     def count(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0) + value
@@ -301,7 +310,7 @@ class RandomGrow(GrowCriterion):
     """SET (Mocanu et al. 2018): grow uniformly at random among growable positions (positions, no scores)."""
 
     def grow(self, layer):
-        return random_growable(layer.mask_flat, layer.n, self.generator)
+        return layer.random_growable(layer.n, self.generator)
 
 
 @GROW_CRITERIA.register("gradient")
