@@ -120,14 +120,14 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     """Exact top-``n`` growable entries of an ``(n_out, n_in)`` score matrix computed a block of rows at
     a time, so at most ``block_elements`` scores exist at once (bounded peak memory).
 
-    The first block keeps its share of the top-n (``1.25 n b / N`` plus four standard deviations, ``b``
-    its size; its own exact top, :func:`~sparsebench.dst.selection.block_top`), whose smallest score is the
-    first threshold ``t``, an estimate of the n-th largest of the matrix. Each later block passes only its entries above ``t``
-    (one :func:`select_above` pass: with ``absolute`` the abs is taken in that pass), and the kept entries
-    are cut back to the top-n whenever more than ``2 n`` wait (``t`` rising to the n-th largest seen, if
-    higher). Exact: ``t`` never exceeds the final n-th largest kept score when at least ``n`` pass, so
-    every entry above that is kept; when fewer pass (the first block's rows ran high), the blocks are
-    scored again with the first block's full top-n as the threshold, an n-th largest seen.
+    The first block keeps its share of the top-n (``1.25 n b / N`` plus four standard deviations, ``b`` its
+    size; its own exact top, :func:`~sparsebench.dst.selection.block_top`), whose smallest score is the first
+    threshold ``t``, an estimate of the n-th largest of the matrix. Each later block passes only its entries
+    above ``t`` (one :func:`select_above` pass: with ``absolute`` the abs is taken in that pass), and the kept
+    entries are cut back to the top-n whenever more than ``2 n`` wait (``t`` rising to the n-th largest seen, if
+    higher). Exact: ``t`` never exceeds the final n-th largest kept score when at least ``n`` pass, so every
+    entry above that is kept; when fewer pass (the first block's rows ran high), the blocks are scored again
+    with the first block's full top-n as the threshold, an n-th largest seen.
 
     Args:
         score_rows: ``(r0, r1) -> (r1 - r0, n_in)`` float scores of rows ``[r0, r1)`` (may be written to;

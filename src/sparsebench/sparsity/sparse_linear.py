@@ -244,7 +244,8 @@ class SparseTrainLinear(nn.Module):
             # merge the kept positions (still sorted) with the sorted grown ones: O(nnz log n), no sort of nnz
             kept_flat, grow_sorted = s.flat()[keep], _sort(grow)
             at_kept = torch.arange(keep.numel(), device=dev) + _searchsorted(grow_sorted, kept_flat)
-            at_grow = torch.arange(n, device=dev) + _searchsorted(kept_flat, grow_sorted, right=True)  # a clash stays two entries
+            # a clash (a grown position equal to a kept one) stays two entries: from_flat refuses it
+            at_grow = torch.arange(n, device=dev) + _searchsorted(kept_flat, grow_sorted, right=True)
             new_flat = torch.empty(self.nnz, dtype=torch.long, device=dev)
             new_flat[at_kept], new_flat[at_grow] = kept_flat, grow_sorted
             new_s = CSRStructure.from_flat(new_flat, s.shape, is_sorted=True)  # merged: ascending; raises on duplicates

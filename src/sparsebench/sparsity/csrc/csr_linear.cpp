@@ -135,14 +135,14 @@ static void spmm_impl(int64_t out, int64_t B, const int32_t* crow, const I* col,
 
 #define SPLIT_WORK ((int64_t)2 << 20)  // non-zeros x batch below which the backward runs fused on one thread
 
-// dx scatter + dv. One thread (or fewer than SPLIT_WORK products): one fused pass (dx scatter and dv dots
-// per non-zero). Several: dx is split into disjoint column chunks of the batch among the first Tdx = T/2 threads (every row of W scatters into
-// every dx row, so rows cannot be split), each scattering without dv; dv is computed row by row, whole
-// rows of W per task (no partial sums, no reduction), by a dynamic loop all threads join, the dx threads
-// when their scatter is done. Deterministic: every dx element and every dv entry is summed by one thread in
-// a fixed order. Measured at batch 100, 2 threads: a 1000 x 1000 layer at 5% 800 us fused on one thread,
-// 800 us with batch-split dv partials, 540 us split this way; at 1% (1M products) 195 us fused on one
-// thread, 220 us split.
+// dx scatter + dv. One thread (or fewer than SPLIT_WORK products): one fused pass (dx scatter and dv dots per
+// non-zero). Several: dx is split into disjoint column chunks of the batch among the first Tdx = T/2 threads
+// (every row of W scatters into every dx row, so rows cannot be split), each scattering without dv; dv is
+// computed row by row, whole rows of W per task (no partial sums, no reduction), by a dynamic loop all threads
+// join, the dx threads when their scatter is done. Deterministic: every dx element and every dv entry is summed
+// by one thread in a fixed order. Measured at batch 100, 2 threads: a 1000 x 1000 layer at 5% 800 us fused on
+// one thread, 800 us with batch-split dv partials, 540 us split this way; at 1% (1M products) 195 us fused on
+// one thread, 220 us split.
 template <bool DV, typename I>
 static void bwd_impl(int64_t out, int64_t nnz, int64_t B, const int32_t* crow, const I* col, const float* val,
                      const float* xT, int64_t ldx, const float* dyT, int64_t ldd, float* dxT, int64_t ldo,
