@@ -135,6 +135,34 @@ static void spmm_impl(int64_t out, int64_t B, const int32_t* crow, const I* col,
 
 #define SPLIT_WORK ((int64_t)2 << 20)  // non-zeros x batch below which the backward runs fused on one thread
 
+// every row of W over the batch columns [lo, lo + w): the dx scatter and, with DV, the dv dots
+template <bool DV, typename I>
+static inline void bwd_columns(int64_t out, const int32_t* crow, const I* col, const float* val, int64_t lo, int w,
+                               const float* xT, int64_t ldx, const float* dyT, int64_t ldd, float* dxT, int64_t ldo,
+                               float* dv) {
+    const int nv = (w + 15) / 16;
+    for (int64_t i = 0; i < out; ++i) {
+#define F(NV) bwd_row<NV, true, DV, I>(crow, col, val, i, xT + lo, ldx, dyT + lo, ldd, dxT + lo, ldo, dv, w)
+        DISPATCH(nv, F)
+#undef F
+    }
+}
+
+// dv of row i of W over the whole batch, in nd chunks (one task of the row-parallel SDDMM)
+template <typename I>
+static inline void sddmm_row(int64_t i, int64_t B, int64_t nd, const int32_t* crow, const I* col,
+                             const float* xT, int64_t ldx, const float* dyT, int64_t ldd, float* dv) {
+    for (int32_t k = crow[i]; k < crow[i + 1]; ++k) dv[k] = 0.f;
+    for (int64_t c = 0; c < nd; ++c) {
+        int64_t lo; int w;
+        chunk_of(B, nd, c, &lo, &w);
+        const int nv = (w + 15) / 16;
+#define F(NV) bwd_row<NV, false, true, I>(crow, col, NULL, i, xT + lo, ldx, dyT + lo, ldd, NULL, 0, dv, w)
+        DISPATCH(nv, F)
+#undef F
+    }
+}
+
 // dx scatter + dv. One thread (or fewer than SPLIT_WORK products): one fused pass (dx scatter and dv dots per
 // non-zero). Several: dx is split into disjoint column chunks of the batch among the first Tdx = T/2 threads
 // (every row of W scatters into every dx row, so rows cannot be split), each scattering without dv; dv is
@@ -156,13 +184,7 @@ static void bwd_impl(int64_t out, int64_t nnz, int64_t B, const int32_t* crow, c
         for (int64_t c = 0; c < n; ++c) {
             int64_t lo; int w;
             vec_chunk_of(B, n, c, &lo, &w);
-            if (w <= 0) continue;
-            const int nv = (w + 15) / 16;
-            for (int64_t i = 0; i < out; ++i) {
-#define F(NV) bwd_row<NV, true, DV, I>(crow, col, val, i, xT + lo, ldx, dyT + lo, ldd, dxT + lo, ldo, dv, w)
-                DISPATCH(nv, F)
-#undef F
-            }
+            if (w > 0) bwd_columns<DV, I>(out, crow, col, val, lo, w, xT, ldx, dyT, ldd, dxT, ldo, dv);
         }
         return;
     }
@@ -177,28 +199,12 @@ static void bwd_impl(int64_t out, int64_t nnz, int64_t B, const int32_t* crow, c
             for (int64_t c = tid; c < n; c += Tdx) {
                 int64_t lo; int w;
                 vec_chunk_of(B, n, c, &lo, &w);
-                if (w <= 0) continue;
-                const int nv = (w + 15) / 16;
-                for (int64_t i = 0; i < out; ++i) {
-#define F(NV) bwd_row<NV, true, false, I>(crow, col, val, i, xT + lo, ldx, dyT + lo, ldd, dxT + lo, ldo, NULL, w)
-                    DISPATCH(nv, F)
-#undef F
-                }
+                if (w > 0) bwd_columns<false, I>(out, crow, col, val, lo, w, xT, ldx, dyT, ldd, dxT, ldo, NULL);
             }
         }
         if (DV) {
             #pragma omp for schedule(dynamic, 16) nowait
-            for (int64_t i = 0; i < out; ++i) {
-                for (int32_t k = crow[i]; k < crow[i + 1]; ++k) dv[k] = 0.f;
-                for (int64_t c = 0; c < nd; ++c) {
-                    int64_t lo; int w;
-                    chunk_of(B, nd, c, &lo, &w);
-                    const int nv = (w + 15) / 16;
-#define F(NV) bwd_row<NV, false, true, I>(crow, col, NULL, i, xT + lo, ldx, dyT + lo, ldd, NULL, 0, dv, w)
-                    DISPATCH(nv, F)
-#undef F
-                }
-            }
+            for (int64_t i = 0; i < out; ++i) sddmm_row<I>(i, B, nd, crow, col, xT, ldx, dyT, ldd, dv);
         }
     }
 }
@@ -207,19 +213,9 @@ template <typename I>
 static void sddmm_impl(int64_t out, int64_t B, const int32_t* crow, const I* col,
                        const float* xT, int64_t ldx, const float* dyT, int64_t ldd, float* dv, int chunk, int nthreads) {
     chunk = clamp_chunk(chunk);
-    const int64_t n = (B + chunk - 1) / chunk;
+    const int64_t nd = (B + chunk - 1) / chunk;
     #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
-    for (int64_t i = 0; i < out; ++i) {
-        for (int32_t k = crow[i]; k < crow[i + 1]; ++k) dv[k] = 0.f;
-        for (int64_t c = 0; c < n; ++c) {
-            int64_t lo; int w;
-            chunk_of(B, n, c, &lo, &w);
-            const int nv = (w + 15) / 16;
-#define F(NV) bwd_row<NV, false, true, I>(crow, col, NULL, i, xT + lo, ldx, dyT + lo, ldd, NULL, 0, dv, w)
-            DISPATCH(nv, F)
-#undef F
-        }
-    }
+    for (int64_t i = 0; i < out; ++i) sddmm_row<I>(i, B, nd, crow, col, xT, ldx, dyT, ldd, dv);
 }
 
 // the CSR structure of W^T (in + 1 row pointers, out index of every weight in column-major order) and its
