@@ -346,7 +346,7 @@ class SparsePropKernels(TorchCSRKernels):
         return dx_t.t(), (dv if need_dv else None)
 
 
-_NATIVE_FNS: dict = {}  # (id(library), op, index dtype) -> the ctypes entry point
+_NATIVE_FNS: dict = {}  # (library, op, index dtype) -> the ctypes entry point
 
 
 def _native_available() -> bool:
@@ -419,7 +419,7 @@ class NativeKernels(TorchCSRKernels):
         """The library's ``sb_<op>`` entry point for column indices of ``col``'s dtype (int16 / int32),
         looked up once per (op, dtype): a step of fc5 calls ten of them, and the lookup was per call."""
         lib = self._lib()
-        key = (id(lib), op, col.dtype)
+        key = (lib, op, col.dtype)  # the library object itself: an id could be reused after a reload
         f = _NATIVE_FNS.get(key)
         if f is None:  # kept outside the instance: ctypes pointers cannot be deep-copied with a model
             f = _NATIVE_FNS[key] = getattr(lib, f"sb_{op}_{'i16' if col.dtype == torch.int16 else 'i32'}")
