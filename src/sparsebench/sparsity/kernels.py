@@ -299,7 +299,7 @@ class TorchCSRKernels(SparseKernels):
 def _cpu32(*ts: torch.Tensor) -> bool:
     """Every tensor is a float32 CPU tensor (what the compiled backends, sparseprop and native, take)."""
     for t in ts:
-        if t.dtype != torch.float32 or t.is_cuda or t.device.type != "cpu":
+        if t.dtype != torch.float32 or t.device.type != "cpu":
             return False
     return True
 
@@ -373,8 +373,9 @@ class NativeKernels(TorchCSRKernels):
     * forward: one output row per task, ``y^T[i] = sum_k v_k x^T[col_k]`` (a gather, OpenMP over rows);
     * backward up to batch :attr:`SMALL_BATCH`: one pass over the rows of ``W`` that scatters
       ``v_k dy^T[i]`` into ``dx^T[col_k]`` and takes the dot product ``<dy^T[i], x^T[col_k]>`` for ``dv_k``
-      (OpenMP over batch chunks of whole vectors, each thread with its own ``dv`` partial; ``dx`` rows are
-      padded to cache lines so threads never share one);
+      (on one thread below 2M products; on more, ``dx`` by batch chunks of whole vectors on half of the
+      threads and ``dv`` by whole rows of ``W`` on all of them, no partial sums; ``dx`` rows are padded to
+      cache lines so threads never share one);
     * backward above it: ``W^T`` is built for the call by a counting sort (O(nnz + in),
       :meth:`transposed_workspace`: 12 bytes per active weight, freed when the call returns, never kept
       between steps, so the state stays at ``crow`` + ``col``), ``dx`` is the forward's gather over it and
