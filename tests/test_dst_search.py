@@ -350,14 +350,17 @@ def test_select_above_equals_abs_compare_exclude_and_gather(threads):
                     assert torch.equal(i, flat_nonzero(keep)) and torch.equal(val, v[flat_nonzero(keep)])
 
 
-def test_indices_above_equals_the_compare_and_nonzero_it_replaces():
-    """The native one-pass select (when built) and its fallback give flat_nonzero(t > thr) exactly:
+def test_native_select_equals_the_compare_and_nonzero_it_replaces():
+    """The native one-pass selects (when built) and their fallbacks give flat_nonzero(t > thr) exactly:
     ascending, ties at the threshold left out, -inf and NaN never above, sizes below and above the
     native cut-off and off a vector multiple, a buffer that overflows its first capacity, and
     non-contiguous input; topk_indices (its `>=` candidate pass) still equals torch.topk's set."""
     import numpy as np
 
-    from sparsebench.dst.selection import _native_above, flat_nonzero, indices_above
+    from sparsebench.dst.selection import _native_above, flat_nonzero, select_above
+
+    def indices_above(t, thr):
+        return select_above(t, thr)[0]
 
     g = torch.Generator().manual_seed(5)
     for size in (10, 4095, 4096, 70001, 1 << 20):
