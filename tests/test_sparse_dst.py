@@ -269,6 +269,105 @@ def test_blocked_topn_on_large_blocks_equals_the_full_topk(threads):
         assert flat.numel() == m2 and torch.all(mask.reshape(-1)[flat] == 0) and flat.unique().numel() == m2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monkeypatch, threads):
+    """blocked_topn on a sparse layer larger than a scan block takes the scan (a threshold from a grid of
+    the scores, each row block selected while in cache, the excluded positions dropped by one merge): the
+    set equals torch.topk's. A grid that overweights a few strong rows sets the threshold too high (fewer
+    than n pass): the miss is counted and the row-block path still returns the exact set."""
+    import sparsebench.dst.grow as grow_mod
+    from sparsebench.dst.selection import sample_grid
+
+    monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)  # blocks of 37 rows, off a multiple of 600
+    g = torch.Generator().manual_seed(6)
+    n_out, n_in, n = 600, 500, 1500
+    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
+    dz[:, 100:140] = 0.0  # dead units: zero rows
+    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
+    ex = mask.reshape(-1).nonzero().squeeze(1)
+
+    def exact(dz):
+        full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+        return full, set(torch.topk(full, n).indices.tolist())
+
+    with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
+        full, want = exact(dz)
+        lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
+        memo = {}
+        vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo=memo)
+        assert set(flat.tolist()) == want and memo.get("scan_misses", 0) == 0
+        assert flat.dtype == torch.long and vals.dtype == torch.float32
+        torch.testing.assert_close(torch.sort(vals).values, torch.sort(full[flat]).values)
+        ri, _ = sample_grid(n_out, n_in)
+        strong = dz.clone()
+        strong[:, torch.from_numpy(ri[:3])] *= 1000.0  # 3 sampled rows (1500 scores) hold the top of the grid
+        full, want = exact(strong)
+        lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, strong, shape=(n_out, n_in), excluded=ex)
+        vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo=memo)
+        assert memo["scan_misses"] == 1 and set(flat.tolist()) == want
+
+
+@pytest.mark.parametrize("native_built", [True, False])
+def test_rows_above_equals_the_compare_over_the_whole_matrix(monkeypatch, native_built):
+    """rows_above (native select per row block, hits at their flat positions; numpy without the library)
+    equals flat_nonzero over the whole matrix for s > t, |s| > t (values |s|) and |s| > t with signed values,
+    with blocks off a multiple of the rows and a first buffer far too small (grown, the block selected again)."""
+    import numpy as np
+
+    from sparsebench.dst.selection import rows_above
+    from sparsebench.sparsity import native
+
+    if native_built and native.load() is None:
+        pytest.skip("native kernels not built")
+    if not native_built:
+        monkeypatch.setattr(native, "load", lambda: None)
+    g = torch.Generator().manual_seed(9)
+    S = torch.randn(301, 257, generator=g)
+    buf = torch.empty(23 * 257)
+
+    def score_rows(r0, r1):  # one reused buffer, as the callers' products
+        out = buf[:(r1 - r0) * 257].view(r1 - r0, 257)
+        out.copy_(S[r0:r1])
+        return out
+
+    flat = S.reshape(-1)
+    for mode, thr in ((0, 1.5), (1, 0.3), (2, 2.0), (1, 5.0)):  # 0.3 with |s|: 76% pass, far over the buffer
+        ranked = flat.abs() if mode else flat
+        want = torch.nonzero(ranked > thr).squeeze(1)
+        f, v = rows_above(score_rows, 301, 257, 23, thr, mode, expect=10)
+        assert np.array_equal(f.astype(np.int64), want.numpy()), mode
+        assert np.array_equal(v, (flat if mode == 2 else ranked)[want].numpy())
+
+
+def test_sampled_threshold_ranks_the_growable_grid_scores_only():
+    """sampled_threshold takes the grid's growable score at rank e + 4 sqrt(e) + 1 (e: margin x the share of
+    the growable entries): excluded positions inside the grid are left out however high they score, those
+    outside it do not count; None when the rank exceeds the grid."""
+    import math
+
+    import numpy as np
+
+    from sparsebench.dst.selection import sample_grid, sampled_threshold
+
+    rng = np.random.default_rng(0)
+    n_out, n_in = 1000, 800
+    ri, ci = sample_grid(n_out, n_in, size=100)
+    assert len(ri) == len(ci) == 100 and ri[0] == 0 and ri[-1] == n_out - 1 and ci[-1] == n_in - 1
+    sample = rng.random((100, 100)).astype(np.float32)
+    top_cells = [(3, 7), (50, 50), (99, 0)]
+    ex = sorted({int(ri[r] * n_in + ci[c]) for r, c in top_cells} | {5 * n_in + 1, 999 * n_in + 3})
+    for r, c in top_cells:
+        sample[r, c] = 10.0  # excluded and on the grid: must not set the threshold
+    ex = np.asarray(ex, dtype=np.int64)
+    n, N = 2000, n_out * n_in
+    t = sampled_threshold(sample, ri, ci, n_in, n, N, ex, margin=1.5)
+    kept = np.delete(sample.reshape(-1), [r * 100 + c for r, c in top_cells])
+    e = 1.5 * n / (N - ex.size) * kept.size
+    k = int(math.ceil(e + 4 * math.sqrt(e))) + 1
+    assert t == float(np.sort(kept)[::-1][k - 1])
+    assert sampled_threshold(sample, ri, ci, n_in, N * 7 // 10, N, ex, margin=1.5) is None  # 1.05 x the grid
+
+
 def test_similarity_grow_from_the_weight_gradient_equals_the_captured_vector_search():
     # masked-dense layers: search=faiss abs_ip searches S = weight.grad (no capture); sparse layers: the captured
     # vectors (no dense gradient exists). Both give the set the vector search gives on the masked layer.

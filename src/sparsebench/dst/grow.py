@@ -38,7 +38,8 @@ from torch import nn
 from sparsebench.core.registry import Registry
 from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search
-from sparsebench.dst.selection import (_NEG_INF, largest_indices, block_top, flat_nonzero, host_view, random_growable,
+from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, block_top, drop_sorted, flat_nonzero, host_view,
+                                       largest_indices, random_growable, rows_above, sample_grid, sampled_threshold,
                                        select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
@@ -120,6 +121,11 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     """Exact top-``n`` growable entries of an ``(n_out, n_in)`` score matrix computed a block of rows at
     a time, so at most ``block_elements`` scores exist at once (bounded peak memory).
 
+    A sparse layer of more than :data:`~sparsebench.dst.selection.SCAN_ELEMENTS` scores, given a scorer with a
+    ``sample(rows, cols)`` method (:class:`GradientRows`), is first scanned once with a threshold from a grid of
+    its scores (:func:`_scanned_topn`: every block selected while it is in cache); only when that lets fewer
+    than ``n`` growable entries pass does the row-block path below run.
+
     The first block keeps its share of the top-n (``1.25 n b / N`` plus four standard deviations, ``b`` its
     size; its own exact top, :func:`~sparsebench.dst.selection.block_top`), whose smallest score is the first
     threshold ``t``, an estimate of the n-th largest of the matrix. Each later block passes only its entries
@@ -144,12 +150,59 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         matrix up to ties.
     """
     n_out, n_in = layer.shape
+    if n_out * n_in > SCAN_ELEMENTS and layer.excluded is not None and hasattr(score_rows, "sample"):
+        got = _scanned_topn(score_rows, layer, n, min(int(block_elements), SCAN_ELEMENTS), absolute, memo)
+        if got is not None:
+            return got
     rows = max(1, int(block_elements) // max(1, n_in))
     if rows < n_out:
         got = _blocked_topn(score_rows, layer, n, rows, absolute, memo, estimate=True)
         if got[0].numel() >= n:  # n entries above the estimate: the set is exact (see the docstring)
             return got
     return _blocked_topn(score_rows, layer, n, rows, absolute, memo, estimate=False)
+
+
+def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, absolute: bool,
+                  memo: Optional[dict]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`blocked_topn` of a sparse layer by one scan: a threshold from a grid of the matrix's scores
+    (``score_rows.sample``, :func:`~sparsebench.dst.selection.sampled_threshold`; 256 x 256 at most), then
+    every block of ``block_elements`` scores selected above it while it is in cache
+    (:func:`~sparsebench.dst.selection.rows_above`), the excluded positions dropped from the sorted hits in
+    one merge, and the top-n taken among them. Exact whenever at least ``n`` growable entries pass (every
+    entry above the n-th largest is then a hit); None otherwise (counted in ``memo['scan_misses']``) or
+    without the native select, and the caller takes the row-block path."""
+    n_out, n_in = layer.shape
+    N = n_out * n_in
+    if memo is None:
+        memo = {}
+    grid = memo.get(("grid", n_out, n_in))
+    if grid is None:
+        grid = memo[("grid", n_out, n_in)] = sample_grid(n_out, n_in)
+    ri, ci = grid
+    smp = host_view(score_rows.sample(ri, ci))
+    if not isinstance(smp, np.ndarray):
+        return None
+    ex = host_view(layer.excluded)
+    if not isinstance(ex, np.ndarray):
+        return None
+    t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, SCAN_MARGIN)
+    if t is None:
+        return None
+    got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, 1 if absolute else 0,
+                     expect=int(2 * SCAN_MARGIN * n))
+    if got is None:
+        return None
+    f, v = drop_sorted(got[0], got[1], ex, inplace=True)
+    if f.size < n:
+        memo["scan_misses"] = memo.get("scan_misses", 0) + 1
+        return None
+    if f.size > n:
+        top = np.argpartition(v, f.size - n)[f.size - n:]
+        f, v = f[top], v[top]
+    return torch.from_numpy(np.array(v, dtype=np.float32)), torch.from_numpy(f.astype(np.int64))
+
+
+SCAN_MARGIN = 1.5  # the scan's threshold lets about 1.5 n pass (plus four standard deviations)
 
 
 def _blocked_topn(score_rows, layer: LayerUpdate, n: int, rows: int, absolute: bool, memo: Optional[dict],
@@ -228,6 +281,11 @@ class GradientRows:
         U, G = layer_vectors(layer.module, layer.x, layer.grad_out)
         self.U, self.G = U.float(), G.float()  # (B, n_in), (B, n_out)
         self._pool = pool if pool is not None else {}
+
+    def sample(self, ri: np.ndarray, ci: np.ndarray) -> torch.Tensor:
+        """``dL/dW`` at the grid of rows ``ri`` x columns ``ci`` (int64 arrays): ``(len(ri), len(ci))``."""
+        dev = self.U.device
+        return torch.matmul(self.G[:, torch.from_numpy(ri).to(dev)].t(), self.U[:, torch.from_numpy(ci).to(dev)])
 
     def __call__(self, r0: int, r1: int) -> torch.Tensor:
         size = (r1 - r0) * self.U.shape[1]

@@ -29,7 +29,7 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import _NEG_INF, block_top, host_view, select_above, topk_indices
+from sparsebench.dst.selection import _NEG_INF, block_top, drop_sorted, host_view, select_above, topk_indices
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
 SEARCHES: Registry = Registry("method.search")
@@ -188,24 +188,6 @@ def keep_topn(best_v: Optional[torch.Tensor], best_f: Optional[torch.Tensor], v:
         v, top = torch.topk(v, n, sorted=False)
         f = f[top]
     return v, f
-
-
-def _drop_sorted(f: np.ndarray, v: np.ndarray, ex: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """``f`` (ascending int64 positions) and their ``v`` without the positions in ``ex`` (ascending): the
-    native merge pass (``sb_drop_listed``) where built and the positions fit int32, else a binary search."""
-    if not ex.size or not f.size:
-        return f, v
-    from sparsebench.sparsity import native
-
-    lib = native.load()
-    if lib is not None and int(f[-1]) < 2 ** 31:
-        fi, vv = f.astype(np.int32), np.ascontiguousarray(v, dtype=np.float32)
-        ex = np.ascontiguousarray(ex, dtype=np.int64)
-        c = lib.sb_drop_listed(fi.ctypes.data, vv.ctypes.data, fi.size, ex.ctypes.data, ex.size)
-        return fi[:c].astype(np.int64), vv[:c]
-    at = np.minimum(np.searchsorted(ex, f), ex.size - 1)
-    keep = ex[at] != f
-    return f[keep], v[keep]
 
 
 def _k_per_query(k_similar: float, n_out: int) -> int:
@@ -512,12 +494,12 @@ class FaissSearch(Search):
                 group = 2 * group + np.concatenate(NEG)
             listed = _within_rank(group, V, k)
             f, sv = (P, V) if listed is None else (P[listed], V[listed])
-            f, sv = _drop_sorted(f, sv, exn)  # growable pairs only
+            f, sv = drop_sorted(f, sv, exn)  # growable pairs only
             if f.size >= n:
                 hint["mg"] = max(1.3, 0.95 * margin)
                 if f.size > n:
                     f = f[np.argpartition(sv, f.size - n)[f.size - n:]]
-                return torch.from_numpy(f).to(torch.long)
+                return torch.from_numpy(f.astype(np.int64))
             margin = hint["mg"] = min(4.0, 1.5 * margin)
             t *= 0.5
         return super().find_sparse(key, G, U, layer, n, block_elements)

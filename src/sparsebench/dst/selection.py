@@ -4,7 +4,10 @@
   fast for large vectors and small ``n`` through a threshold estimated from a fixed sample or carried
   from the previous call (``hint``); on CPU the selection runs in numpy.
 * :func:`select_above`: the scores above a threshold (or ``|s|`` above), minus listed positions, in one
-  native pass; :func:`block_top`: the exact top-n of one score block through it.
+  native pass; :func:`block_top`: the exact top-n of one score block through it; :func:`rows_above`: the
+  same pass over a matrix given a row block at a time, each block selected while it is in cache, with a
+  threshold from :func:`sampled_threshold` (a grid of the matrix's scores, :func:`sample_grid`);
+  :func:`drop_sorted`: sorted positions minus sorted listed ones.
 * :func:`random_growable`: ``n`` uniformly random positions among the inactive ones (SET's growth,
   and the fill when a score-based criterion has no score for a layer).
 * :func:`host_view`: a numpy view of a CPU tensor (same memory), else the tensor (CUDA).
@@ -170,7 +173,7 @@ def select_above(t: torch.Tensor, threshold: float, absolute: bool = False,
             cap = max(4096, a.size // 64)
             for _ in range(2):
                 idx, val = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
-                c = lib.sb_select_vals(a.ctypes.data, a.size, float(np.float32(threshold)), int(absolute),
+                c = lib.sb_select_vals(a.ctypes.data, a.size, float(np.float32(threshold)), int(bool(absolute)), 0,
                                        idx.ctypes.data, val.ctypes.data, cap, torch.get_num_threads())
                 if c >= 0:
                     if exclude is not None and exclude.numel() and c:
@@ -185,6 +188,128 @@ def select_above(t: torch.Tensor, threshold: float, absolute: bool = False,
         above[exclude.to(above.device)] = False
     i = flat_nonzero(above)
     return i, v[i].float()
+
+
+def drop_sorted(f: np.ndarray, v: np.ndarray, ex: np.ndarray, inplace: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """``f`` (ascending int32 / int64 positions) and their scores ``v`` without the positions in ``ex``
+    (ascending int64): the native merge pass (``sb_drop_listed``) where built and the positions fit int32,
+    else a binary search. ``inplace``: ``f`` (int32) and ``v`` (float32) may be overwritten (no copies).
+    Returns ``(f, v)`` kept (``f`` int32 from the native pass, else int64; ``v`` float32)."""
+    if not ex.size or not f.size:
+        return f, v
+    from sparsebench.sparsity import native
+
+    lib = native.load()
+    if lib is not None and int(f[-1]) < 2 ** 31:
+        ok = inplace and f.dtype == np.int32 and v.dtype == np.float32 and f.flags.c_contiguous and v.flags.c_contiguous
+        fi, vv = (f, v) if ok else (f.astype(np.int32), np.array(v, dtype=np.float32))
+        ex = np.ascontiguousarray(ex, dtype=np.int64)
+        c = lib.sb_drop_listed(fi.ctypes.data, vv.ctypes.data, fi.size, ex.ctypes.data, ex.size)
+        return fi[:c], vv[:c]
+    at = np.minimum(np.searchsorted(ex, f), ex.size - 1)
+    keep = ex[at] != f
+    return f[keep], v[keep]
+
+
+SCAN_ELEMENTS = 1 << 19  # scores per block of a scan (2 MB, one core's L2: the select reads it from cache)
+
+
+def rows_above(score_rows, n_out: int, n_in: int, rows: int, threshold: float, mode: int = 0,
+               expect: int = 0) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Every entry of an ``(n_out, n_in)`` score matrix above ``threshold``, the matrix given a block of
+    ``rows`` rows at a time: ``score_rows(r0, r1)`` returns rows ``[r0, r1)`` (a CPU tensor that may reuse
+    one buffer), and each block is passed to the native select while it is still in cache (one call per
+    block, the hits appended at their flat positions ``row * n_in + col``). ``mode`` 0: ``s > threshold``,
+    values ``s``; 1: ``|s| > threshold``, values ``|s|``; 2: ``|s| > threshold``, values the signed ``s`` (a
+    search that needs each hit's sign). ``expect``: the expected hit count (the first buffer's size).
+    Without the native library (or for ``2^31`` entries or more, or blocks that are not contiguous float32)
+    the same selection runs in numpy.
+
+    Returns ``(flat, values)``: ascending positions (int32 from the native pass, the caller's to overwrite;
+    else int64) and their float32 values, or None when a block is not a CPU tensor."""
+    from sparsebench.sparsity import native
+
+    lib = native.load() if n_out * n_in < 2 ** 31 else None
+    cap, used = max(1 << 16, 2 * int(expect)), 0
+    idx, val = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
+    tau, nt = float(np.float32(threshold)), torch.get_num_threads()
+    slow_f, slow_v = [], []
+    for r0 in range(0, n_out, max(1, rows)):
+        r1 = min(n_out, r0 + max(1, rows))
+        blk = score_rows(r0, r1)
+        a = host_view(blk)
+        if not isinstance(a, np.ndarray):
+            return None
+        a = a.reshape(-1)
+        if lib is None or a.dtype != np.float32 or not a.flags.c_contiguous:
+            r = np.abs(a) if mode else a
+            hit = np.flatnonzero(r > threshold)
+            slow_f.append(hit + r0 * n_in)
+            slow_v.append((a if mode == 2 else r)[hit].astype(np.float32))
+            continue
+        while True:
+            c = lib.sb_select_vals(a.ctypes.data, a.size, tau, int(mode), r0 * n_in, idx[used:].ctypes.data,
+                                   val[used:].ctypes.data, cap - used, nt)
+            if c >= 0:
+                used += c
+                break
+            cap = max(2 * cap, used - c)  # -c: the room this block needs; its scores are still in the buffer
+            idx, val = np.concatenate([idx[:used], np.empty(cap - used, np.int32)]), \
+                np.concatenate([val[:used], np.empty(cap - used, np.float32)])
+    if slow_f:  # some blocks took the numpy path: one int64 list in row order
+        f = np.concatenate([idx[:used].astype(np.int64)] + slow_f) if used else np.concatenate(slow_f)
+        v = np.concatenate([val[:used]] + slow_v) if used else np.concatenate(slow_v)
+        order = np.argsort(f, kind="stable")
+        return f[order], v[order]
+    return idx[:used], val[:used]
+
+
+def sample_grid(n_out: int, n_in: int, size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """Evenly spaced sample rows and columns of an ``(n_out, n_in)`` matrix, ``min(size, n_out)`` and
+    ``min(size, n_in)`` of them (ascending int64): the grid whose scores :func:`sampled_threshold` reads.
+    Deterministic, so an update draws nothing from a generator for it."""
+    return (np.unique(np.linspace(0, n_out - 1, min(size, n_out)).astype(np.int64)),
+            np.unique(np.linspace(0, n_in - 1, min(size, n_in)).astype(np.int64)))
+
+
+def sampled_threshold(sample: np.ndarray, ri: np.ndarray, ci: np.ndarray, n_in: int, n: int, N: int,
+                      excluded: Optional[np.ndarray] = None, margin: float = 1.5) -> Optional[float]:
+    """A threshold that about ``margin * n`` of the growable entries of an ``(n_out, n_in)`` score matrix
+    exceed, estimated from its scores at a grid of rows ``ri`` x columns ``ci`` (``sample``, shape
+    ``(len(ri), len(ci))``, the ranked scores, e.g. ``|s|``): the grid's growable scores at rank
+    ``e + 4 sqrt(e) + 1``, where ``e = margin * n / N_g * size`` is the expected count above the matrix's
+    n-th largest (``N_g = N - len(excluded)`` growable entries, ``size`` of them sampled). ``excluded``
+    (ascending int64 flat positions) are left out of the grid's ranking. The estimate only decides how many
+    entries a scan keeps: a caller must check that at least ``n`` passed (else its exact path).
+
+    Returns the threshold, or None when the grid is too small for the rank (a share of ``1 / margin`` or
+    more) or every growable grid score is below it (``-inf``)."""
+    a = np.array(sample, dtype=np.float32).reshape(-1)
+    R, C = len(ri), len(ci)
+    Ng = N
+    if excluded is not None and excluded.size:
+        Ng = N - excluded.size
+        starts = np.searchsorted(excluded, ri * n_in)
+        lens = np.searchsorted(excluded, (ri + 1) * n_in) - starts
+        tot = int(lens.sum())
+        if tot:  # the excluded positions of the sampled rows, gathered by one repeat (no loop over rows)
+            first = np.cumsum(lens) - lens
+            pos = excluded[np.repeat(starts - first, lens) + np.arange(tot)]
+            row = np.repeat(np.arange(R), lens)
+            inv = np.full(n_in, -1, dtype=np.int64)
+            inv[ci] = np.arange(C)
+            col = inv[pos - np.repeat(ri * n_in, lens)]
+            hit = col >= 0
+            a[row[hit] * C + col[hit]] = _NEG_INF
+    size = int(np.count_nonzero(a > _NEG_INF))
+    if Ng <= 0 or not size:
+        return None
+    e = margin * n / Ng * size
+    k = int(math.ceil(e + 4.0 * math.sqrt(e))) + 1
+    if k >= size:
+        return None
+    t = float(np.partition(a, a.size - k)[a.size - k])
+    return t if t > _NEG_INF else None
 
 
 def _sample_rank(n: int, N: int, size: int) -> int:

@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's
 
 SOURCE = Path(__file__).with_name("csrc") / "csr_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
-ABI_VERSION = 6
+ABI_VERSION = 7
 _reason: Optional[str] = None
 
 
@@ -90,7 +90,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             getattr(lib, f"sb_{f}_{suf}").restype = None
     lib.sb_select_gt.argtypes = [P, L, ctypes.c_float, P, L]
     lib.sb_select_gt.restype = L
-    lib.sb_select_vals.argtypes = [P, L, ctypes.c_float, I, P, P, L, I]
+    lib.sb_select_vals.argtypes = [P, L, ctypes.c_float, I, L, P, P, L, I]
     lib.sb_select_vals.restype = L
     lib.sb_drop_listed.argtypes = [P, P, L, P, L]
     lib.sb_drop_listed.restype = L
