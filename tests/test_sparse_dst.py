@@ -273,8 +273,9 @@ def test_blocked_topn_on_large_blocks_equals_the_full_topk(threads):
 def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monkeypatch, threads):
     """blocked_topn on a sparse layer larger than a scan block takes the scan (a threshold from a grid of
     the scores, each row block selected while in cache, the excluded positions dropped by one merge): the
-    set equals torch.topk's. A grid that overweights a few strong rows sets the threshold too high (fewer
-    than n pass): the miss is counted and the row-block path still returns the exact set."""
+    set equals torch.topk's. A threshold set too high (fewer than n pass) is counted as a miss, widens the
+    layer's margin, and the row-block path still returns the exact set; the grid stratified by the norms
+    always samples the strongest row."""
     import sparsebench.dst.grow as grow_mod
     from sparsebench.dst.selection import sample_grid
 
@@ -298,13 +299,16 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
         assert set(flat.tolist()) == want and memo.get("scan_misses", 0) == 0
         assert flat.dtype == torch.long and vals.dtype == torch.float32
         torch.testing.assert_close(torch.sort(vals).values, torch.sort(full[flat]).values)
-        ri, _ = sample_grid(n_out, n_in)
-        strong = dz.clone()
-        strong[:, torch.from_numpy(ri[:3])] *= 1000.0  # 3 sampled rows (1500 scores) hold the top of the grid
-        full, want = exact(strong)
-        lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, strong, shape=(n_out, n_in), excluded=ex)
+        # an estimate that lets fewer than n pass (a grid that overweighted strong rows): counted, the layer's
+        # margin doubled for its next scans, and the row-block path still returns the exact set
+        nth = float(torch.topk(full, n).values.min())
+        monkeypatch.setattr(grow_mod, "sampled_threshold", lambda *a, **k: 1.5 * nth)
         vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo=memo)
         assert memo["scan_misses"] == 1 and set(flat.tolist()) == want
+        assert memo[("scan_margin", "l", n_out, n_in)] == 2 * grow_mod.SCAN_MARGIN
+    norms = (torch.arange(n_out).flip(0).double().numpy(), torch.ones(n_in).double().numpy())
+    ri, ci = sample_grid(n_out, n_in, norms=norms)  # stratified: the strongest row (0) is always sampled
+    assert ri[0] == 0 and len(ri) == 256 and bool((ri[1:] > ri[:-1]).all()) and len(ci) == 256
 
 
 @pytest.mark.parametrize("native_built", [True, False])

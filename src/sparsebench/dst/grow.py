@@ -165,44 +165,48 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
 def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, absolute: bool,
                   memo: Optional[dict]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """:func:`blocked_topn` of a sparse layer by one scan: a threshold from a grid of the matrix's scores
-    (``score_rows.sample``, :func:`~sparsebench.dst.selection.sampled_threshold`; 256 x 256 at most), then
+    (``score_rows.sample``, :func:`~sparsebench.dst.selection.sampled_threshold`; 256 x 256 at most, rows and
+    columns stratified by ``score_rows.norms()`` where given), then
     every block of ``block_elements`` scores selected above it while it is in cache
     (:func:`~sparsebench.dst.selection.rows_above`), the excluded positions dropped from the sorted hits in
     one merge, and the top-n taken among them. Exact whenever at least ``n`` growable entries pass (every
-    entry above the n-th largest is then a hit); None otherwise (counted in ``memo['scan_misses']``) or
-    without the native select, and the caller takes the row-block path."""
+    entry above the n-th largest is then a hit); None otherwise (counted in ``memo['scan_misses']``; the layer's
+    margin, 1.5 n, doubles for its next scans, up to 16 n, and shrinks by 10% after each hit) or without the
+    native select, and the caller takes the row-block path."""
     n_out, n_in = layer.shape
     N = n_out * n_in
     if memo is None:
         memo = {}
-    grid = memo.get(("grid", n_out, n_in))
-    if grid is None:
-        grid = memo[("grid", n_out, n_in)] = sample_grid(n_out, n_in)
-    ri, ci = grid
+    ri, ci = sample_grid(n_out, n_in, norms=score_rows.norms() if hasattr(score_rows, "norms") else None)
     smp = host_view(score_rows.sample(ri, ci))
     if not isinstance(smp, np.ndarray):
         return None
     ex = host_view(layer.excluded)
     if not isinstance(ex, np.ndarray):
         return None
-    t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, SCAN_MARGIN)
+    key = ("scan_margin", layer.name, n_out, n_in)
+    margin = memo.get(key, SCAN_MARGIN)
+    t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, margin)
     if t is None:
         return None
     got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, 1 if absolute else 0,
-                     expect=int(2 * SCAN_MARGIN * n))
+                     expect=int(2 * margin * n))
     if got is None:
         return None
     f, v = drop_sorted(got[0], got[1], ex, inplace=True)
-    if f.size < n:
+    if f.size < n:  # the grid overweighted strong rows / columns: a wider margin for this layer's next scans
         memo["scan_misses"] = memo.get("scan_misses", 0) + 1
+        memo[key] = min(SCAN_MARGIN_MAX, 2.0 * margin)
         return None
+    memo[key] = max(SCAN_MARGIN, 0.9 * margin)
     if f.size > n:
         top = np.argpartition(v, f.size - n)[f.size - n:]
         f, v = f[top], v[top]
     return torch.from_numpy(np.array(v, dtype=np.float32)), torch.from_numpy(f.astype(np.int64))
 
 
-SCAN_MARGIN = 1.5  # the scan's threshold lets about 1.5 n pass (plus four standard deviations)
+SCAN_MARGIN = 1.5  # the scan's threshold lets about 1.5 n pass (plus four standard deviations) ...
+SCAN_MARGIN_MAX = 16.0  # ... doubled for a layer after a miss (at most 16 n), shrunk by 10% after a hit
 
 
 def _blocked_topn(score_rows, layer: LayerUpdate, n: int, rows: int, absolute: bool, memo: Optional[dict],
@@ -281,6 +285,11 @@ class GradientRows:
         U, G = layer_vectors(layer.module, layer.x, layer.grad_out)
         self.U, self.G = U.float(), G.float()  # (B, n_in), (B, n_out)
         self._pool = pool if pool is not None else {}
+
+    def norms(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(||G[:, i]||, ||U[:, j]||)``: the norms of the output-gradient and input vectors (float64 arrays of
+        ``n_out`` and ``n_in``), bounds of the score rows' and columns' scale (the grid's strata)."""
+        return (self.G.double().norm(dim=0).cpu().numpy(), self.U.double().norm(dim=0).cpu().numpy())
 
     def sample(self, ri: np.ndarray, ci: np.ndarray) -> torch.Tensor:
         """``dL/dW`` at the grid of rows ``ri`` x columns ``ci`` (int64 arrays): ``(len(ri), len(ci))``."""

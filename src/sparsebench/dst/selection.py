@@ -264,12 +264,20 @@ def rows_above(score_rows, n_out: int, n_in: int, rows: int, threshold: float, m
     return idx[:used], val[:used]
 
 
-def sample_grid(n_out: int, n_in: int, size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
-    """Evenly spaced sample rows and columns of an ``(n_out, n_in)`` matrix, ``min(size, n_out)`` and
-    ``min(size, n_in)`` of them (ascending int64): the grid whose scores :func:`sampled_threshold` reads.
-    Deterministic, so an update draws nothing from a generator for it."""
-    return (np.unique(np.linspace(0, n_out - 1, min(size, n_out)).astype(np.int64)),
-            np.unique(np.linspace(0, n_in - 1, min(size, n_in)).astype(np.int64)))
+def sample_grid(n_out: int, n_in: int, size: int = 256,
+                norms: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Sample rows and columns of an ``(n_out, n_in)`` matrix, ``min(size, n_out)`` and ``min(size, n_in)`` of
+    them (ascending int64): the grid whose scores :func:`sampled_threshold` reads. Evenly spaced, or with
+    ``norms`` (``(row_norms, col_norms)``, e.g. ``||dL/dz_i||`` and ``||x_j||``) evenly spaced in the order of
+    those norms (systematic sampling of each axis sorted by its scale: the strong rows and columns that hold
+    much of a gradient's top are represented in proportion, not by chance). Deterministic, so an update
+    draws nothing from a generator for it."""
+    def axis(m: int, w: Optional[np.ndarray]) -> np.ndarray:
+        at = np.unique(np.linspace(0, m - 1, min(size, m)).astype(np.int64))
+        return at if w is None else np.sort(np.argsort(w, kind="stable")[at])
+
+    return (axis(n_out, None if norms is None else np.asarray(norms[0])),
+            axis(n_in, None if norms is None else np.asarray(norms[1])))
 
 
 def sampled_threshold(sample: np.ndarray, ri: np.ndarray, ci: np.ndarray, n_in: int, n: int, N: int,
