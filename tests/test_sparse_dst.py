@@ -314,8 +314,8 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
 @pytest.mark.parametrize("native_built", [True, False])
 def test_rows_above_equals_the_compare_over_the_whole_matrix(monkeypatch, native_built):
     """rows_above (native select per row block, hits at their flat positions; numpy without the library)
-    equals flat_nonzero over the whole matrix for s > t, |s| > t (values |s|) and |s| > t with signed values,
-    with blocks off a multiple of the rows and a first buffer far too small (grown, the block selected again)."""
+    equals flat_nonzero over the whole matrix for s > t and |s| > t (values |s|), with blocks off a multiple of
+    the rows and a first buffer far too small (grown, the block selected again)."""
     import numpy as np
 
     from sparsebench.dst.selection import rows_above
@@ -335,12 +335,12 @@ def test_rows_above_equals_the_compare_over_the_whole_matrix(monkeypatch, native
         return out
 
     flat = S.reshape(-1)
-    for mode, thr in ((0, 1.5), (1, 0.3), (2, 2.0), (1, 5.0)):  # 0.3 with |s|: 76% pass, far over the buffer
-        ranked = flat.abs() if mode else flat
+    for absolute, thr in ((False, 1.5), (True, 0.3), (True, 2.0), (True, 5.0)):  # 0.3: 76% pass, far over the buffer
+        ranked = flat.abs() if absolute else flat
         want = torch.nonzero(ranked > thr).squeeze(1)
-        f, v = rows_above(score_rows, 301, 257, 23, thr, mode, expect=10)
-        assert np.array_equal(f.astype(np.int64), want.numpy()), mode
-        assert np.array_equal(v, (flat if mode == 2 else ranked)[want].numpy())
+        f, v = rows_above(score_rows, 301, 257, 23, thr, absolute, expect=10)
+        assert np.array_equal(f.astype(np.int64), want.numpy()), (absolute, thr)
+        assert np.array_equal(v, ranked[want].numpy())
 
 
 def test_sampled_threshold_ranks_the_growable_grid_scores_only():

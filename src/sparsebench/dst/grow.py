@@ -162,6 +162,10 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     return _blocked_topn(score_rows, layer, n, rows, absolute, memo, estimate=False)
 
 
+SCAN_MARGIN = 1.5  # the scan's threshold lets about 1.5 n pass (plus four standard deviations) ...
+SCAN_MARGIN_MAX = 16.0  # ... doubled for a layer after a miss (at most 16 n), shrunk by 10% after a hit
+
+
 def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, absolute: bool,
                   memo: Optional[dict]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """:func:`blocked_topn` of a sparse layer by one scan: a threshold from a grid of the matrix's scores
@@ -189,8 +193,7 @@ def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, a
     t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, margin)
     if t is None:
         return None
-    got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, 1 if absolute else 0,
-                     expect=int(2 * margin * n))
+    got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, absolute, expect=int(2 * margin * n))
     if got is None:
         return None
     f, v = drop_sorted(got[0], got[1], ex, inplace=True)
@@ -203,10 +206,6 @@ def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, a
         top = np.argpartition(v, f.size - n)[f.size - n:]
         f, v = f[top], v[top]
     return torch.from_numpy(np.array(v, dtype=np.float32)), torch.from_numpy(f.astype(np.int64))
-
-
-SCAN_MARGIN = 1.5  # the scan's threshold lets about 1.5 n pass (plus four standard deviations) ...
-SCAN_MARGIN_MAX = 16.0  # ... doubled for a layer after a miss (at most 16 n), shrunk by 10% after a hit
 
 
 def _blocked_topn(score_rows, layer: LayerUpdate, n: int, rows: int, absolute: bool, memo: Optional[dict],

@@ -167,20 +167,12 @@ def select_above(t: torch.Tensor, threshold: float, absolute: bool = False,
     if isinstance(a, np.ndarray) and a.dtype == np.float32 and 4096 <= a.size < 2 ** 31:
         from sparsebench.sparsity import native
 
-        lib = native.load()
-        if lib is not None:
-            a = a.reshape(-1)
-            cap = max(4096, a.size // 64)
-            for _ in range(2):
-                idx, val = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
-                c = lib.sb_select_vals(a.ctypes.data, a.size, float(np.float32(threshold)), int(bool(absolute)), 0,
-                                       idx.ctypes.data, val.ctypes.data, cap, torch.get_num_threads())
-                if c >= 0:
-                    if exclude is not None and exclude.numel() and c:
-                        ex = np.ascontiguousarray(exclude.cpu().numpy(), dtype=np.int64)
-                        c = lib.sb_drop_listed(idx.ctypes.data, val.ctypes.data, c, ex.ctypes.data, ex.size)
-                    return torch.from_numpy(idx[:c].astype(np.int64)), torch.from_numpy(val[:c])
-                cap = -c
+        if native.load() is not None:  # one block of rows_above's native pass, then one merge
+            flat = t.reshape(1, -1)
+            i, val = rows_above(lambda r0, r1: flat, 1, a.size, 1, threshold, absolute, expect=a.size // 128)
+            if exclude is not None and exclude.numel():
+                i, val = drop_sorted(i, val, np.ascontiguousarray(exclude.cpu().numpy(), dtype=np.int64), inplace=True)
+            return torch.from_numpy(i.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(val))
     v = t.reshape(-1)
     v = v.abs() if absolute else v
     above = v > threshold
@@ -214,14 +206,14 @@ def drop_sorted(f: np.ndarray, v: np.ndarray, ex: np.ndarray, inplace: bool = Fa
 SCAN_ELEMENTS = 1 << 19  # scores per block of a scan (2 MB, one core's L2: the select reads it from cache)
 
 
-def rows_above(score_rows, n_out: int, n_in: int, rows: int, threshold: float, mode: int = 0,
+def rows_above(score_rows, n_out: int, n_in: int, rows: int, threshold: float, absolute: bool = False,
                expect: int = 0) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Every entry of an ``(n_out, n_in)`` score matrix above ``threshold``, the matrix given a block of
     ``rows`` rows at a time: ``score_rows(r0, r1)`` returns rows ``[r0, r1)`` (a CPU tensor that may reuse
     one buffer), and each block is passed to the native select while it is still in cache (one call per
-    block, the hits appended at their flat positions ``row * n_in + col``). ``mode`` 0: ``s > threshold``,
-    values ``s``; 1: ``|s| > threshold``, values ``|s|``; 2: ``|s| > threshold``, values the signed ``s`` (a
-    search that needs each hit's sign). ``expect``: the expected hit count (the first buffer's size).
+    block, the hits appended at their flat positions ``row * n_in + col``). ``absolute``: ``|s| > threshold``,
+    values ``|s|``; else ``s > threshold``, values ``s``. ``expect``: the expected hit count (the first
+    buffer's size).
     Without the native library (or for ``2^31`` entries or more, or blocks that are not contiguous float32)
     the same selection runs in numpy.
 
@@ -242,13 +234,13 @@ def rows_above(score_rows, n_out: int, n_in: int, rows: int, threshold: float, m
             return None
         a = a.reshape(-1)
         if lib is None or a.dtype != np.float32 or not a.flags.c_contiguous:
-            r = np.abs(a) if mode else a
+            r = np.abs(a) if absolute else a
             hit = np.flatnonzero(r > threshold)
             slow_f.append(hit + r0 * n_in)
-            slow_v.append((a if mode == 2 else r)[hit].astype(np.float32))
+            slow_v.append(r[hit].astype(np.float32))
             continue
         while True:
-            c = lib.sb_select_vals(a.ctypes.data, a.size, tau, int(mode), r0 * n_in, idx[used:].ctypes.data,
+            c = lib.sb_select_vals(a.ctypes.data, a.size, tau, int(bool(absolute)), r0 * n_in, idx[used:].ctypes.data,
                                    val[used:].ctypes.data, cap - used, nt)
             if c >= 0:
                 used += c

@@ -260,14 +260,14 @@ static int64_t select_gt_impl(const float* s, int64_t n, float tau, int64_t* out
 }
 
 
-// The entries of s[0 .. n) above tau (ABS: |s| > tau), base + n < 2^31: their int32 positions base + i (ascending)
-// and scores (ABS: |s|, or the signed s with KEEP_SIGN: row-block scans that need each hit's sign). nt threads over nt contiguous parts; part p writes into idx / val[p * (cap / nt) ..] and
-// the parts are then packed to the front. One branch per 64 scores (none per hit): a group of four vectors
+// The entries of s[0 .. n) above tau (ABS: |s| > tau), base + n < 2^31: their int32 positions base + i
+// (ascending; base: a row block's offset in its matrix) and scores (ABS: |s|). nt threads over nt contiguous
+// parts; part p writes into idx / val[p * (cap / nt) ..] and the parts are then packed to the front. One branch per 64 scores (none per hit): a group of four vectors
 // with a hit compresses each vector's hits in registers and stores them whole (16 slots of room kept). 4M
 // scores, one thread: 0.8% above 0.86 ms against 1.09 with a branch per vector and hit; 4.5% above 1.8 ms
 // against 4.5.
 // Returns the total count, or -(room needed) when a part overflowed its share of cap.
-template <bool ABS, bool KEEP_SIGN>
+template <bool ABS>
 static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t base, int32_t* idx, float* val,
                                 int64_t cap, int nt) {
     if (n < ((int64_t)1 << 16)) nt = 1;  // below 64k scores a thread team costs more than it saves
@@ -284,12 +284,12 @@ static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t ba
         int32_t* oi = idx + share * p;
         float* ov = val + share * p;
         int64_t c = 0;
-#define SB_LOAD(V, OFF) const __m512 V##r = _mm512_loadu_ps(s + i + (OFF)); __m512 V = V##r; \
+#define SB_LOAD(V, OFF) __m512 V = _mm512_loadu_ps(s + i + (OFF)); \
         if (ABS) V = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(V), absm));
 #define SB_STORE(V, M, OFF) \
         if (c + 16 <= share) { \
             _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(M, _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(base + i + (OFF)))))); \
-            _mm512_storeu_ps(ov + c, _mm512_maskz_compress_ps(M, KEEP_SIGN ? V##r : V)); \
+            _mm512_storeu_ps(ov + c, _mm512_maskz_compress_ps(M, V)); \
         } \
         c += __builtin_popcount((unsigned)(M));
         for (; i + 64 <= end; i += 64) {  // one branch per 64 scores; a group with a hit stores all four
@@ -307,8 +307,8 @@ static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t ba
 #undef SB_LOAD
 #undef SB_STORE
         for (; i < end; ++i) {
-            const float r = s[i], v = ABS ? fabsf(r) : r;
-            if (v > tau) { if (c < share) { oi[c] = (int32_t)(base + i); ov[c] = KEEP_SIGN ? r : v; } ++c; }
+            const float v = ABS ? fabsf(s[i]) : s[i];
+            if (v > tau) { if (c < share) { oi[c] = (int32_t)(base + i); ov[c] = v; } ++c; }
         }
         count[p] = c;
     }
@@ -406,14 +406,13 @@ int64_t sb_drop_listed(int32_t* idx, float* val, int64_t c, const int64_t* ex, i
     }
     return w;
 }
-// mode 0: s > tau; 1: |s| > tau, val = |s|; 2: |s| > tau, val = s (signed). Positions base + i.
-int64_t sb_select_vals(const float* s, int64_t n, float tau, int mode, int64_t base, int32_t* idx, float* val,
+// absolute: |s| > tau (val = |s|), else s > tau. Positions base + i.
+int64_t sb_select_vals(const float* s, int64_t n, float tau, int absolute, int64_t base, int32_t* idx, float* val,
                        int64_t cap, int nt) {
     if (base < 0 || base + n >= ((int64_t)1 << 31)) return -1;  // int32 positions
     const int32_t b = (int32_t)base;
-    if (mode == 2) return select_vals_impl<true, true>(s, n, tau, b, idx, val, cap, nt);
-    return mode ? select_vals_impl<true, false>(s, n, tau, b, idx, val, cap, nt)
-                : select_vals_impl<false, false>(s, n, tau, b, idx, val, cap, nt);
+    return absolute ? select_vals_impl<true>(s, n, tau, b, idx, val, cap, nt)
+                    : select_vals_impl<false>(s, n, tau, b, idx, val, cap, nt);
 }
 #define EXPORT(SUF, I) \
 void sb_spmm_##SUF(int64_t out, int64_t B, const int32_t* crow, const I* col, const float* val, const float* bias, \
