@@ -383,12 +383,21 @@ def test_native_select_equals_the_compare_and_nonzero_it_replaces():
         assert set(topk_indices(s, n).tolist()) == set(torch.topk(s, n).indices.tolist())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("metric_cls,k_similar", [(AbsInnerProduct, 0.15), (AbsInnerProduct, 0.01), (L2Similarity, 0.02)])
-def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(metric_cls, k_similar):
+def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(monkeypatch, metric_cls, k_similar, bf16):
     """FaissSearch.find_sparse (row blocks of S, one threshold, list ranks from the preselection, the
     sorted excluded positions instead of a mask) returns find's set (per_query_topn on the whole S,
     itself tested against faiss' index) for two-sign and one-sign metrics, lists that bind (k of 1-2%:
-    queries lose pairs to their list length) and blocks of 7 and 64 rows or the whole matrix."""
+    queries lose pairs to their list length) and blocks of 7 and 64 rows or the whole matrix; with the
+    bf16 prefilter too (abs_ip only: its scores are a product; l2 never takes it)."""
+    import sparsebench.dst.selection as sel
+    from sparsebench.sparsity import native
+
+    monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: bf16)
+    used = []
+    real = sel.rows_above_bounded
+    monkeypatch.setattr(sel, "rows_above_bounded", lambda *a, **k: used.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(11)
     n_out, n_in, B, n = 300, 200, 16, 150
     G, U = torch.randn(B, n_out, generator=g), torch.randn(B, n_in, generator=g)
@@ -402,3 +411,5 @@ def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(metr
         got = FaissSearch(metric, k_similar).find_sparse("l", G, U, lu, n, rows * n_in)
         assert set(got.tolist()) == want, rows
         assert got.numel() == n and not bool(mask[got].any())
+    takes = bf16 and metric_cls is AbsInnerProduct and native.load() is not None
+    assert (len(used) >= 3) if takes else not used

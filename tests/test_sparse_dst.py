@@ -270,7 +270,8 @@ def test_blocked_topn_on_large_blocks_equals_the_full_topk(threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monkeypatch, threads):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monkeypatch, threads, bf16):
     """blocked_topn on a sparse layer larger than a scan block takes the scan (a threshold from a grid of
     the scores, each row block selected while in cache, the excluded positions dropped by one merge): the
     set equals torch.topk's. A threshold set too high (fewer than n pass) is counted as a miss, widens the
@@ -279,7 +280,15 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
     import sparsebench.dst.grow as grow_mod
     from sparsebench.dst.selection import sample_grid
 
+    from sparsebench.sparsity import native
+
     monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)  # blocks of 37 rows, off a multiple of 600
+    import sparsebench.dst.selection as sel
+
+    monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: bf16)  # the bf16 prefilter on or off
+    prefiltered = []
+    real = sel.rows_above_bounded
+    monkeypatch.setattr(sel, "rows_above_bounded", lambda *a, **k: prefiltered.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(6)
     n_out, n_in, n = 600, 500, 1500
     x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
@@ -297,6 +306,7 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
         memo = {}
         vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo=memo)
         assert set(flat.tolist()) == want and memo.get("scan_misses", 0) == 0
+        assert len(prefiltered) == (1 if bf16 and native.load() is not None else 0)
         assert flat.dtype == torch.long and vals.dtype == torch.float32
         torch.testing.assert_close(torch.sort(vals).values, torch.sort(full[flat]).values)
         # an estimate that lets fewer than n pass (a grid that overweighted strong rows): counted, the layer's
@@ -341,6 +351,78 @@ def test_rows_above_equals_the_compare_over_the_whole_matrix(monkeypatch, native
         f, v = rows_above(score_rows, 301, 257, 23, thr, absolute, expect=10)
         assert np.array_equal(f.astype(np.int64), want.numpy()), (absolute, thr)
         assert np.array_equal(v, ranked[want].numpy())
+
+
+@pytest.mark.parametrize("batch", [100, 1024])
+def test_bf16_rows_stay_within_the_rounding_bound(batch):
+    """GradientRows.approx_rows (bf16 copies of the vectors, a bf16 product) differs from the float32 rows by
+    at most rounding_bound's rb[i] * cb[j] everywhere, for vectors of widely different scales (columns
+    scaled over six decades, a dead row), at batch 100 and 1024; ``at`` gives the float32 rows' values."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(12)
+    n_out, n_in = 300, 203
+    x = torch.randn(batch, n_in, generator=g) * torch.logspace(-3, 3, n_in)[torch.randperm(n_in, generator=g)]
+    dz = torch.randn(batch, n_out, generator=g).exp() * (torch.rand(n_out, generator=g) * 4).exp()
+    dz[:, 7] = 0.0
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, 10, x, dz, shape=(n_out, n_in),
+                     excluded=torch.empty(0, dtype=torch.long))
+    rows = gradient_rows(lu)
+    exact = (dz.t().double() @ x.double()).numpy()
+    approx = torch.cat([rows.approx_rows(r, min(n_out, r + 64)).float() for r in range(0, n_out, 64)]).double()
+    rb, cb = rows.rounding_bound()
+    assert rb.dtype == np.float32 and rb.shape == (n_out,) and cb.shape == (n_in,)
+    err = np.abs(approx.numpy() - exact)
+    assert (err <= np.outer(rb, cb)).all()
+    assert err.max() > 0  # the bf16 product is not the float32 one: the bound is exercised
+    pos = np.array([0, 5, 7 * n_in + 3, 123 * n_in + 200, n_out * n_in - 1])
+    np.testing.assert_allclose(rows.at(pos), exact.reshape(-1)[pos], rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_above_bounded_equals_the_compare_over_the_whole_matrix(threads):
+    """The native bounded select of bf16 blocks (|a| + rb[i] cb[j] > t, rows of 203 scores: not a multiple of
+    its 32-score steps) equals the same compare in numpy over the whole matrix, with blocks off a multiple of
+    the rows and a first buffer far too small."""
+    import numpy as np
+
+    from sparsebench.dst.selection import rows_above_bounded
+    from sparsebench.sparsity import native
+
+    if native.load() is None:
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(13)
+    n_out, n_in = 301, 203
+    A = torch.randn(n_out, n_in, generator=g).bfloat16()
+    rb, cb = torch.rand(n_out, generator=g).numpy(), torch.rand(n_in, generator=g).numpy()
+    want_all = A.float().abs().numpy() + np.outer(rb, cb).astype(np.float32)
+    with scoped_threads(threads, torch.get_num_threads, torch.set_num_threads):
+        for t in (0.5, 2.0, 3.5):  # 0.5: most entries pass, far over the first buffer
+            got = rows_above_bounded(lambda r0, r1: A[r0:r1].contiguous(), n_out, n_in, 23, t, rb, cb, expect=5)
+            assert got.dtype == np.int32
+            assert np.array_equal(got.astype(np.int64), np.flatnonzero(want_all > np.float32(t))), t
+
+
+def test_prefilter_declines_a_bound_too_coarse_to_prune(monkeypatch):
+    """With the grid predicting more than PREFILTER_MAX x the expected hits as bf16 candidates (a bound
+    inflated a million times), the scan scores in float32 instead, and the set is still torch.topk's."""
+    import sparsebench.dst.grow as grow_mod
+    import sparsebench.dst.selection as sel
+
+    monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)
+    monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: True)
+    monkeypatch.setattr(sel, "BF16_ROUNDING", 1e6 * sel.BF16_ROUNDING)
+    called = []
+    monkeypatch.setattr(sel, "rows_above_bounded", lambda *a, **k: called.append(1))
+    g = torch.Generator().manual_seed(14)
+    n_out, n_in, n = 600, 500, 1500
+    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
+    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
+    ex = mask.reshape(-1).nonzero().squeeze(1)
+    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
+    vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo={})
+    assert called == [] and set(flat.tolist()) == set(torch.topk(full, n).indices.tolist())
 
 
 def test_sampled_threshold_ranks_the_growable_grid_scores_only():

@@ -38,9 +38,9 @@ from torch import nn
 from sparsebench.core.registry import Registry
 from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search
-from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, block_top, drop_sorted, flat_nonzero, host_view,
-                                       largest_indices, random_growable, rows_above, sample_grid, sampled_threshold,
-                                       select_above, topk_indices)
+from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, flat_nonzero,
+                                       host_view, largest_indices, prefiltered_above, random_growable, rows_above,
+                                       sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
 
@@ -193,7 +193,14 @@ def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, a
     t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, margin)
     if t is None:
         return None
-    got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, absolute, expect=int(2 * margin * n))
+    got = None
+    if absolute and getattr(score_rows, "approximate", False):
+        got = prefiltered_above(score_rows, t, 2 * block_elements, int(2 * margin * n), (np.abs(smp), ri, ci))
+        if got is not None:
+            got = (got[0], np.abs(got[1]))
+    if got is None:
+        got = rows_above(score_rows, n_out, n_in, max(1, block_elements // n_in), t, absolute,
+                         expect=int(2 * margin * n))
     if got is None:
         return None
     f, v = drop_sorted(got[0], got[1], ex, inplace=True)
@@ -272,36 +279,16 @@ def read_gradients(masking: Masking, names: Sequence[str], buffers: Dict[str, to
         write(g, buf)
 
 
-class GradientRows:
+class GradientRows(ProductRows):
     """``(r0, r1) -> dL/dW`` of rows ``[r0, r1)``: the signed ``G[:, r0:r1]^T U`` of the layer's captured
-    vectors (:func:`~sparsebench.dst.capture.layer_vectors`), the dense gradient one row block at a time;
-    rank its magnitude with ``blocked_topn(..., absolute=True)``. Every block is written into one reused
-    buffer (valid until the next call): a fresh 16 MB block per call costs its page faults again (the wide
-    MLP's 4096 x 4096 layer: 38 ms of products + abs in four fresh blocks, 26 ms in one reused one); with
-    ``pool`` (a dict the caller keeps) the buffer outlives this object, for the next update."""
+    vectors (:func:`~sparsebench.dst.capture.layer_vectors`), the dense gradient one row block at a time
+    (:class:`~sparsebench.dst.selection.ProductRows`); rank its magnitude with
+    ``blocked_topn(..., absolute=True)``. ``pool``: a dict the caller keeps, so the reused score buffers
+    outlive this object, for the next update."""
 
     def __init__(self, layer: LayerUpdate, pool: Optional[Dict[str, torch.Tensor]] = None):
         U, G = layer_vectors(layer.module, layer.x, layer.grad_out)
-        self.U, self.G = U.float(), G.float()  # (B, n_in), (B, n_out)
-        self._pool = pool if pool is not None else {}
-
-    def norms(self) -> Tuple[np.ndarray, np.ndarray]:
-        """``(||G[:, i]||, ||U[:, j]||)``: the norms of the output-gradient and input vectors (float64 arrays of
-        ``n_out`` and ``n_in``), bounds of the score rows' and columns' scale (the grid's strata)."""
-        return (self.G.double().norm(dim=0).cpu().numpy(), self.U.double().norm(dim=0).cpu().numpy())
-
-    def sample(self, ri: np.ndarray, ci: np.ndarray) -> torch.Tensor:
-        """``dL/dW`` at the grid of rows ``ri`` x columns ``ci`` (int64 arrays): ``(len(ri), len(ci))``."""
-        dev = self.U.device
-        return torch.matmul(self.G[:, torch.from_numpy(ri).to(dev)].t(), self.U[:, torch.from_numpy(ci).to(dev)])
-
-    def __call__(self, r0: int, r1: int) -> torch.Tensor:
-        size = (r1 - r0) * self.U.shape[1]
-        buf = self._pool.get("scores")
-        if buf is None or buf.numel() < size or buf.device != self.U.device:
-            buf = self._pool["scores"] = torch.empty(size, dtype=torch.float32, device=self.U.device)
-        out = buf[:size].view(r1 - r0, self.U.shape[1])
-        return torch.matmul(self.G[:, r0:r1].t(), self.U, out=out)
+        super().__init__(G, U, pool)
 
 
 def gradient_rows(layer: LayerUpdate, pool: Optional[Dict[str, torch.Tensor]] = None) -> GradientRows:

@@ -29,7 +29,8 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import _NEG_INF, block_top, drop_sorted, host_view, select_above, topk_indices
+from sparsebench.dst.selection import (_NEG_INF, ProductRows, block_top, drop_sorted, host_view, prefiltered_above,
+                                       sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
 SEARCHES: Registry = Registry("method.search")
@@ -362,6 +363,7 @@ class FaissSearch(Search):
         self._hints: Dict[str, dict] = {}  # per layer: per_query_topn's thresholds (derived data)
         self._products: Dict[str, torch.Tensor] = {}  # per layer: the (n_out, n_in) product buffer (CPU)
         self._abs: Dict[str, np.ndarray] = {}  # per layer: |S| (CPU)
+        self._pool: Dict[str, torch.Tensor] = {}  # find_sparse's bf16 prefilter buffers (ProductRows), all layers
 
     def _index(self, key: str, db: np.ndarray):
         dim = db.shape[1]
@@ -452,7 +454,11 @@ class FaissSearch(Search):
         candidates, and if ``n`` remain their top-n is :meth:`find`'s set up to ties. ``t`` is the first
         block's score at its share of ``margin * n`` (1.3 to 4, grown after a miss) plus four standard
         deviations; a miss halves ``t`` (twice) and scores the blocks again, then falls back to
-        :meth:`find_bounded`. Only metrics answered from scores, float32 on the CPU; else that fallback."""
+        :meth:`find_bounded`. With ``abs_ip`` (the scores are ``dL/dW``) where the bf16 product pays, ``t``
+        comes from a grid of the scores instead (:func:`~sparsebench.dst.selection.sampled_threshold` over
+        every pair, active ones included) and the pairs above it from :func:`~sparsebench.dst.selection.prefiltered_above` (a bf16 product's
+        candidates rescored exactly: the same pairs and scores up to the summation order). Only metrics
+        answered from scores, float32 on the CPU; else that fallback."""
         n_out, n_in = G.shape[1], U.shape[1]
         signs = tuple(int(v) for v in self.metric.signs)
         ex = layer.excluded
@@ -468,27 +474,47 @@ class FaissSearch(Search):
         hint = self._hints.setdefault(key + "/sparse", {})
         margin = hint.get("mg", 1.3)
         exn = ex.cpu().numpy()
+        # |G^T U| itself (abs_ip): the pairs above t can come from the bf16 prefilter (prefiltered_above)
+        product = ProductRows(G, U, self._pool) if two and self.metric.is_weight_gradient else None
         t: Optional[float] = None
+        grid = None
+        if product is not None and product.approximate:  # t from a grid of the scores: no float32 block at all
+            ri, ci = sample_grid(n_out, n_in, norms=product.norms())
+            grid = (np.abs(product.sample(ri, ci).numpy()), ri, ci)
+            t = sampled_threshold(grid[0], ri, ci, n_in, n, N, None, margin)
+            t = t if t is not None and t > 0 else None
         for _ in range(3):
-            P, V, NEG = [], [], []
-            for r0 in range(0, n_out, rows):
-                r1 = min(n_out, r0 + rows)
-                blk = self.metric.signed_scores(G[:, r0:r1], U, out=buf[:(r1 - r0) * n_in].view(r1 - r0, n_in))
-                sflat = blk.reshape(-1)
-                if t is None:
-                    share = margin * n * sflat.numel() / N
-                    m = min(sflat.numel(), int(math.ceil(share + 4.0 * math.sqrt(share))) + 1)
-                    _, v1 = block_top(sflat, m, two, None, torch.empty(0, dtype=torch.long))
-                    t = float(v1.min()) if v1.numel() else 0.0
-                    if two and not t > 0:  # zero scores reach both lists: the exact ranks need t > 0
-                        return super().find_sparse(key, G, U, layer, n, block_elements)
-                i, v = select_above(sflat, t, two)
-                i_np = i.numpy()
-                P.append(i_np + r0 * n_in)
-                V.append(v.numpy())
-                if two:
-                    NEG.append(host_view(sflat)[i_np] < 0)
-            P, V = np.concatenate(P), np.concatenate(V)
+            P, V, NEG, first = [], [], [], None
+            if t is None:  # the first block's share of margin * n, exact
+                r1 = min(n_out, rows)
+                sflat = self.metric.signed_scores(G[:, :r1], U, out=buf[:r1 * n_in].view(r1, n_in)).reshape(-1)
+                share = margin * n * sflat.numel() / N
+                m = min(sflat.numel(), int(math.ceil(share + 4.0 * math.sqrt(share))) + 1)
+                _, v1 = block_top(sflat, m, two, None, torch.empty(0, dtype=torch.long))
+                t, first = (float(v1.min()) if v1.numel() else 0.0), sflat
+                if two and not t > 0:  # zero scores reach both lists: the exact ranks need t > 0
+                    return super().find_sparse(key, G, U, layer, n, block_elements)
+            got = None
+            if grid is not None:
+                got = prefiltered_above(product, t, 2 * int(block_elements), int(2 * margin * n) + 1024, grid)
+            if got is not None:
+                P, sv = got[0].astype(np.int64), got[1]
+                V, NEG = np.abs(sv), [sv < 0]
+            else:
+                for r0 in range(0, n_out, rows):
+                    r1 = min(n_out, r0 + rows)
+                    if r0 == 0 and first is not None:  # still in the buffer
+                        sflat = first
+                    else:
+                        sflat = self.metric.signed_scores(G[:, r0:r1], U,
+                                                          out=buf[:(r1 - r0) * n_in].view(r1 - r0, n_in)).reshape(-1)
+                    i, v = select_above(sflat, t, two)
+                    i_np = i.numpy()
+                    P.append(i_np + r0 * n_in)
+                    V.append(v.numpy())
+                    if two:
+                        NEG.append(host_view(sflat)[i_np] < 0)
+                P, V = np.concatenate(P), np.concatenate(V)
             group = P % n_in
             if two:
                 group = 2 * group + np.concatenate(NEG)

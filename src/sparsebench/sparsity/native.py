@@ -31,7 +31,7 @@ import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's
 
 SOURCE = Path(__file__).with_name("csrc") / "csr_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
-ABI_VERSION = 7
+ABI_VERSION = 8
 _reason: Optional[str] = None
 
 
@@ -92,6 +92,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sb_select_gt.restype = L
     lib.sb_select_vals.argtypes = [P, L, ctypes.c_float, I, L, P, P, L, I]
     lib.sb_select_vals.restype = L
+    lib.sb_select_bound_bf16.argtypes = [P, L, L, ctypes.c_float, P, P, L, P, L, I]
+    lib.sb_select_bound_bf16.restype = L
     lib.sb_drop_listed.argtypes = [P, P, L, P, L]
     lib.sb_drop_listed.restype = L
     lib.sb_remap.argtypes = [P, L, P, P]

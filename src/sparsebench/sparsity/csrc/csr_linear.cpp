@@ -9,6 +9,7 @@
 //             dv[k]      = <dyT[i, :], xT[j, :]>                             (SDDMM, fused in the same pass)
 //   sb_sddmm  dv only, row-parallel.
 //   sb_select_gt / sb_select_vals / sb_drop_listed   the scores above a threshold, minus listed positions
+//   sb_select_bound_bf16   the candidates of a bf16 score block above a threshold less a rounding bound
 //             (topology updates' candidate selection)
 //   sb_merge  the structure after a drop / grow: kept slots merged with the grown positions, one pass
 //   sb_remap  values and optimizer state moved to the merged slots
@@ -260,6 +261,21 @@ static int64_t select_gt_impl(const float* s, int64_t n, float tau, int64_t* out
 }
 
 
+// packs the nt parts of a threaded select (part p: count[p] entries at idx / val + p * share; val may be NULL)
+// to the front; returns the total, or -(room needed) when a part left fewer than slack free slots of its share
+static int64_t pack_parts(int32_t* idx, float* val, int64_t share, const int64_t* count, int nt, int64_t slack) {
+    int64_t total = 0, most = 0;
+    for (int p = 0; p < nt; ++p) { total += count[p]; most = count[p] > most ? count[p] : most; }
+    if (most + slack > share) return -((most + slack) * nt + nt);
+    int64_t w = count[0];
+    for (int p = 1; p < nt; ++p) {
+        memmove(idx + w, idx + share * p, sizeof(int32_t) * (size_t)count[p]);
+        if (val) memmove(val + w, val + share * p, sizeof(float) * (size_t)count[p]);
+        w += count[p];
+    }
+    return total;
+}
+
 // The entries of s[0 .. n) above tau (ABS: |s| > tau), base + n < 2^31: their int32 positions base + i
 // (ascending; base: a row block's offset in its matrix) and scores (ABS: |s|). nt threads over nt contiguous
 // parts; part p writes into idx / val[p * (cap / nt) ..] and the parts are then packed to the front. One branch per 64 scores (none per hit): a group of four vectors
@@ -312,16 +328,60 @@ static int64_t select_vals_impl(const float* s, int64_t n, float tau, int32_t ba
         }
         count[p] = c;
     }
-    int64_t total = 0, most = 0;
-    for (int p = 0; p < nt; ++p) { total += count[p]; most = count[p] > most ? count[p] : most; }
-    if (most + 16 > share) return -((most + 16) * nt + nt);
-    int64_t w = count[0];
-    for (int p = 1; p < nt; ++p) {
-        memmove(idx + w, idx + share * p, sizeof(int32_t) * (size_t)count[p]);
-        memmove(val + w, val + share * p, sizeof(float) * (size_t)count[p]);
-        w += count[p];
+    return pack_parts(idx, val, share, count, nt, 16);
+}
+
+
+// The candidates of a block of bf16 scores (rows x n_in, row-major, the bf16 bit patterns): the positions
+// base + r * n_in + j (int32, ascending) where |s[r, j]| + rb[r] * cb[j] > tau, rb and cb the per-row and
+// per-column factors of the scores' rounding bound (the exact scores above tau are all candidates when
+// |s - exact| <= rb[r] * cb[j]). nt threads over contiguous row ranges, packed as in select_vals_impl.
+// Returns the count, or -(room needed) when a part overflowed its share of cap.
+static inline __m512 bf16x16_abs(const uint16_t* p) {
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0x7fffffff)));
+}
+static inline float bf16_abs(uint16_t b) {
+    const uint32_t w = ((uint32_t)b << 16) & 0x7fffffffu;
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+static int64_t select_bound_bf16_impl(const uint16_t* s, int64_t rows, int64_t n_in, float tau, const float* rb,
+                                      const float* cb, int32_t base, int32_t* idx, int64_t cap, int nt) {
+    if (rows * n_in < ((int64_t)1 << 16)) nt = 1;
+    if (nt < 1) nt = 1;
+    if (nt > 64) nt = 64;
+    const int64_t share = cap / nt;
+    int64_t count[64];
+    const __m512 t = _mm512_set1_ps(tau);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int p = 0; p < nt; ++p) {
+        int32_t* oi = idx + share * p;
+        int64_t c = 0;
+        for (int64_t r = rows * p / nt; r < rows * (p + 1) / nt; ++r) {
+            const uint16_t* sr = s + r * n_in;
+            const __m512 vr = _mm512_set1_ps(rb[r]);
+            const int32_t at = base + (int32_t)(r * n_in);
+            int64_t j = 0;
+            for (; j + 32 <= n_in; j += 32) {  // one branch per 32 scores
+                const __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_fmadd_ps(vr, _mm512_loadu_ps(cb + j), bf16x16_abs(sr + j)), t, _CMP_GT_OQ);
+                const __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_fmadd_ps(vr, _mm512_loadu_ps(cb + j + 16), bf16x16_abs(sr + j + 16)), t, _CMP_GT_OQ);
+                if (!(m0 | m1)) continue;
+                if (c + 32 <= share) {
+                    _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(m0, _mm512_add_epi32(iota, _mm512_set1_epi32(at + (int32_t)j))));
+                    const int c0 = __builtin_popcount((unsigned)m0);
+                    _mm512_storeu_si512(oi + c + c0, _mm512_maskz_compress_epi32(m1, _mm512_add_epi32(iota, _mm512_set1_epi32(at + (int32_t)j + 16))));
+                }
+                c += __builtin_popcount((unsigned)m0) + __builtin_popcount((unsigned)m1);
+            }
+            for (; j < n_in; ++j)
+                if (bf16_abs(sr[j]) + rb[r] * cb[j] > tau) { if (c < share) oi[c] = at + (int32_t)j; ++c; }
+        }
+        count[p] = c;
     }
-    return total;
+    return pack_parts(idx, NULL, share, count, nt, 32);
 }
 
 // The structure after a topology update: the kept slots (all but drop, ascending distinct slot indices)
@@ -379,7 +439,7 @@ static int merge_impl(int64_t out, int64_t in, const int32_t* crow, const I* col
 }
 
 extern "C" {
-int sb_abi_version(void) { return 7; }
+int sb_abi_version(void) { return 8; }
 int64_t sb_select_gt(const float* s, int64_t n, float tau, int64_t* out, int64_t cap) {
     return select_gt_impl(s, n, tau, out, cap);
 }
@@ -413,6 +473,12 @@ int64_t sb_select_vals(const float* s, int64_t n, float tau, int absolute, int64
     const int32_t b = (int32_t)base;
     return absolute ? select_vals_impl<true>(s, n, tau, b, idx, val, cap, nt)
                     : select_vals_impl<false>(s, n, tau, b, idx, val, cap, nt);
+}
+// |s| + rb[r] * cb[j] > tau over a bf16 score block (select_bound_bf16_impl); positions base + r * n_in + j.
+int64_t sb_select_bound_bf16(const uint16_t* s, int64_t rows, int64_t n_in, float tau, const float* rb, const float* cb,
+                             int64_t base, int32_t* idx, int64_t cap, int nt) {
+    if (base < 0 || base + rows * n_in >= ((int64_t)1 << 31)) return -1;  // int32 positions
+    return select_bound_bf16_impl(s, rows, n_in, tau, rb, cb, (int32_t)base, idx, cap, nt);
 }
 #define EXPORT(SUF, I) \
 void sb_spmm_##SUF(int64_t out, int64_t B, const int32_t* crow, const I* col, const float* val, const float* bias, \
