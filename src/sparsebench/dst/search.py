@@ -29,7 +29,7 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import (_NEG_INF, ProductRows, block_top, drop_sorted, host_view, prefiltered_above,
+from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view, prefiltered_above,
                                        sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
@@ -474,8 +474,9 @@ class FaissSearch(Search):
         hint = self._hints.setdefault(key + "/sparse", {})
         margin = hint.get("mg", 1.3)
         exn = ex.cpu().numpy()
-        # |G^T U| itself (abs_ip): the pairs above t can come from the bf16 prefilter (prefiltered_above)
-        product = ProductRows(G, U, self._pool) if two and self.metric.is_weight_gradient else None
+        # |G^T U| itself (abs_ip): in a layer of more than a scan block the pairs above t can come from the bf16
+        # prefilter (prefiltered_above); a smaller one is one float32 block, cheaper than a grid and a prefilter
+        product = ProductRows(G, U, self._pool) if two and self.metric.is_weight_gradient and N > SCAN_ELEMENTS else None
         t: Optional[float] = None
         grid = None
         if product is not None and product.approximate:  # t from a grid of the scores: no float32 block at all

@@ -273,7 +273,7 @@ class ProductRows:
         self.U, self.G = U.float(), G.float()  # (B, n_in), (B, n_out)
         self._pool = pool if pool is not None else {}
         self._bf16: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._gt: Optional[torch.Tensor] = None
+        self._t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._norms: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
@@ -284,14 +284,23 @@ class ProductRows:
     def norms(self) -> Tuple[np.ndarray, np.ndarray]:
         """``(||G[:, i]||, ||U[:, j]||)``: the norms of the output-gradient and input vectors (float64 arrays of
         ``n_out`` and ``n_in``), bounds of the score rows' and columns' scale (the grid's strata)."""
-        if self._norms is None:  # computed once (the grid, the bound and a search read them)
-            self._norms = (self.G.double().norm(dim=0).cpu().numpy(), self.U.double().norm(dim=0).cpu().numpy())
+        if self._norms is None:  # computed once (the grid, the bound and a search read them), along unit stride
+            gt, ut = self.transposed()
+            self._norms = tuple(torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).cpu().numpy() for v in (gt, ut))
         return self._norms
+
+    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(G^T, U^T)`` contiguous, ``(n_out, B)`` and ``(n_in, B)`` (made once): the norms' and the SDDMM's
+        layout (the batch along unit stride; a norm over ``G``'s strided axis cost 1.3 ms, 0.1 ms this way)."""
+        if self._t is None:
+            self._t = (self.G.t().contiguous(), self.U.t().contiguous())
+        return self._t
 
     def sample(self, ri: np.ndarray, ci: np.ndarray) -> torch.Tensor:
         """``dL/dW`` at the grid of rows ``ri`` x columns ``ci`` (int64 arrays): ``(len(ri), len(ci))``."""
         dev = self.U.device
-        return torch.matmul(self.G[:, torch.from_numpy(ri).to(dev)].t(), self.U[:, torch.from_numpy(ci).to(dev)])
+        gt, ut = self.transposed()  # whole rows gathered, not strided columns
+        return torch.matmul(gt[torch.from_numpy(ri).to(dev)], ut[torch.from_numpy(ci).to(dev)].t())
 
     @property
     def approximate(self) -> bool:
@@ -303,7 +312,7 @@ class ProductRows:
         """``(r1 - r0, n_in)`` bfloat16 ``G[:, r0:r1]^T U`` from bf16 copies of the vectors (made once), into
         one reused buffer; off from the float32 rows by at most :meth:`rounding_bound`."""
         if self._bf16 is None:
-            self._bf16 = (self.G.t().contiguous().bfloat16(), self.U.bfloat16())
+            self._bf16 = (self.transposed()[0].bfloat16(), self.U.bfloat16())
         gt, u = self._bf16
         size = (r1 - r0) * u.shape[1]
         buf = self._pool.get("approx")
@@ -333,9 +342,8 @@ class ProductRows:
         np.cumsum(np.bincount(r, minlength=n_out), out=crow[1:])
         col = (f - r * n_in).astype(np.int32)
         s = CSRStructure((n_out, n_in), torch.from_numpy(crow), torch.from_numpy(col))
-        if self._gt is None:
-            self._gt = self.G.t().contiguous()
-        return get_kernels().sddmm(s, self._gt.t(), self.U).numpy()
+        gt, ut = self.transposed()
+        return get_kernels().sddmm(s, gt.t(), ut.t()).numpy()
 
     def __call__(self, r0: int, r1: int) -> torch.Tensor:
         size = (r1 - r0) * self.U.shape[1]
