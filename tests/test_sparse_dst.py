@@ -403,6 +403,33 @@ def test_rows_above_bounded_equals_the_compare_over_the_whole_matrix(threads):
             assert np.array_equal(got.astype(np.int64), np.flatnonzero(want_all > np.float32(t))), t
 
 
+def test_bf16_switch_follows_the_environment_and_the_cpu(monkeypatch):
+    """SPARSEBENCH_BF16=0 / 1 turns the bf16 prefilter off / on; unset, it follows the CPU's flags
+    (avx512_bf16 or amx_bf16) and oneDNN's bf16 support."""
+    from pathlib import Path
+
+    import sparsebench.dst.selection as sel
+
+    def fresh(value):
+        if value is None:
+            monkeypatch.delenv("SPARSEBENCH_BF16", raising=False)
+        else:
+            monkeypatch.setenv("SPARSEBENCH_BF16", value)
+        sel.bf16_matmul_fast.cache_clear()
+        return sel.bf16_matmul_fast()
+
+    try:
+        assert fresh("0") is False and fresh("1") is True
+        try:
+            flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+        except (OSError, StopIteration):
+            flags = set()
+        want = bool(flags & {"avx512_bf16", "amx_bf16"}) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        assert fresh(None) is want
+    finally:
+        sel.bf16_matmul_fast.cache_clear()
+
+
 def test_prefilter_declines_a_bound_too_coarse_to_prune(monkeypatch):
     """With the grid predicting more than PREFILTER_MAX x the expected hits as bf16 candidates (a bound
     inflated a million times), the scan scores in float32 instead, and the set is still torch.topk's."""
