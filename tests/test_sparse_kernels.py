@@ -450,3 +450,29 @@ def test_native_transposed_workspace_is_the_transposed_structure():
         t_crow, t_col, t_val = nk.transposed_workspace(s, v)
         assert torch.equal(t_crow, s.t_crow) and torch.equal(t_col, s.t_col)
         assert torch.equal(t_val, v[s.perm.long()])
+
+
+@_NATIVE
+def test_native_chunk_widths_follow_the_cpu_vendor(monkeypatch):
+    """NativeKernels takes the register-block widths measured for this CPU's vendor (CHUNKS), else the class
+    defaults; both give the same products (the widths only change the blocking)."""
+    from sparsebench.sparsity import native
+    from sparsebench.sparsity.kernels import NativeKernels
+
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
+    amd = NativeKernels()
+    assert (amd.FWD_CHUNK, amd.FWD_CHUNK_LARGE, amd.BWD_CHUNK, amd.BWD_CHUNK_LARGE) == NativeKernels.CHUNKS["AuthenticAMD"]
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "SomeOtherVendor")
+    other = NativeKernels()
+    assert (other.FWD_CHUNK_LARGE, other.BWD_CHUNK) == (NativeKernels.FWD_CHUNK_LARGE, NativeKernels.BWD_CHUNK)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(70, 90, generator=g) * (torch.rand(70, 90, generator=g) < 0.1)
+    rows, cols = w.nonzero(as_tuple=True)  # row-major order
+    crow = torch.zeros(71, dtype=torch.int32)
+    crow[1:] = torch.bincount(rows, minlength=70).cumsum(0)
+    s = CSRStructure((70, 90), crow, cols.to(torch.int16))
+    v = w[rows, cols]
+    for batch in (100, 300):
+        x = torch.randn(batch, 90, generator=g)
+        torch.testing.assert_close(amd.spmm(s, v, x), other.spmm(s, v, x))
+        torch.testing.assert_close(amd.spmm(s, v, x), x @ w.t(), rtol=1e-4, atol=1e-4)

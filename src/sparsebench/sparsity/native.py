@@ -45,6 +45,19 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``; Linux ``/proc/cpuinfo``), else ``""``: the
+    kernels' register-block widths are measured per vendor (:attr:`~sparsebench.sparsity.kernels.NativeKernels.CHUNKS`)."""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("vendor_id"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
