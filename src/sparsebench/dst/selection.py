@@ -304,7 +304,7 @@ class ProductRows:
 
     @property
     def approximate(self) -> bool:
-        """Whether :func:`prefiltered_above` may run (the bf16 prefilter (:meth:`approx_rows`, :meth:`at`): a CPU
+        """Whether :func:`prefiltered_above` may run (the bf16 prefilter: :meth:`approx_rows`, :meth:`at`): a CPU
         scorer where :func:`bf16_matmul_fast` holds."""
         return self.U.device.type == "cpu" and bf16_matmul_fast()
 
