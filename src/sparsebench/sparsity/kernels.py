@@ -404,9 +404,10 @@ class NativeKernels(TorchCSRKernels):
     BWD_CHUNK_LARGE = 64
     SMALL_BATCH = 256
     #: ``(FWD_CHUNK, FWD_CHUNK_LARGE, BWD_CHUNK, BWD_CHUNK_LARGE)`` by ``vendor_id``, each measured on that
-    #: vendor's machine; others take the class defaults (the Intel ones, sessions 1-8). AMD EPYC (Zen 4,
+    #: vendor's machine; others take the class defaults, measured on the machine of sessions 1-8 (2 MB L2 per
+    #: core, AVX-512; presumably Intel, its vendor was not recorded). AMD EPYC (Zen 4,
     #: 1 MB L2 per core; session 9), one training step at batch 1024, 1 thread: the wide MLP at 5% 186 ms with
-    #: these against 310 ms with Intel's, at 10% 335 against 523, fc5 at 5% 27 against 35; at batch 100 the
+    #: these against 310 ms with those defaults, at 10% 335 against 523, fc5 at 5% 27 against 35; at batch 100 the
     #: wider backward block (128 against 48) is 4-14% faster at 1 thread and 8-22% at 2 (wide MLP at 1%, 1 thread:
     #: 3.9 against 4.3 ms).
     CHUNKS = {"AuthenticAMD": (128, 128, 128, 128)}
