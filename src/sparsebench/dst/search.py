@@ -29,8 +29,8 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view, prefiltered_above,
-                                       sample_grid, sampled_threshold, select_above, topk_indices)
+from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
+                                       prefiltered_above, sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
 SEARCHES: Registry = Registry("method.search")
@@ -456,8 +456,9 @@ class FaissSearch(Search):
         deviations; a miss halves ``t`` (twice) and scores the blocks again, then falls back to
         :meth:`find_bounded`. With ``abs_ip`` (the scores are ``dL/dW``) where the bf16 product pays, ``t``
         comes from a grid of the scores instead (:func:`~sparsebench.dst.selection.sampled_threshold` over
-        every pair, active ones included) and the pairs above it from :func:`~sparsebench.dst.selection.prefiltered_above` (a bf16 product's
-        candidates rescored exactly: the same pairs and scores up to the summation order). Only metrics
+        every pair, active ones included) and the pairs above it from
+        :func:`~sparsebench.dst.selection.prefiltered_above` (a bf16 product's candidates rescored exactly: the
+        same pairs and scores up to the summation order). Only metrics
         answered from scores, float32 on the CPU; else that fallback."""
         n_out, n_in = G.shape[1], U.shape[1]
         signs = tuple(int(v) for v in self.metric.signs)
@@ -476,7 +477,9 @@ class FaissSearch(Search):
         exn = ex.cpu().numpy()
         # |G^T U| itself (abs_ip): in a layer of more than a scan block the pairs above t can come from the bf16
         # prefilter (prefiltered_above); a smaller one is one float32 block, cheaper than a grid and a prefilter
-        product = ProductRows(G, U, self._pool) if two and self.metric.is_weight_gradient and N > SCAN_ELEMENTS else None
+        product = None
+        if two and self.metric.is_weight_gradient and N > SCAN_ELEMENTS:
+            product = ProductRows(G, U, self._pool)
         t: Optional[float] = None
         grid = None
         if product is not None and product.approximate:  # t from a grid of the scores: no float32 block at all

@@ -332,10 +332,11 @@ class ProductRows:
 
     def at(self, flat: np.ndarray) -> np.ndarray:
         """The exact float32 ``dL/dW`` at ascending flat positions ``row * n_in + col`` (int32 / int64): one
-        SDDMM of the vectors over those positions (the kernels backend's, :func:`~sparsebench.sparsity.kernels.get_kernels`)."""
+        SDDMM of the vectors over those positions (the kernels backend's,
+        :func:`~sparsebench.sparsity.kernels.get_kernels`)."""
         from sparsebench.sparsity.kernels import CSRStructure, get_kernels
 
-        n_out, n_in = self.G.shape[1], self.U.shape[1]
+        n_out, n_in = self.shape
         f = np.asarray(flat)
         r = f // n_in
         crow = np.zeros(n_out + 1, dtype=np.int32)
@@ -356,7 +357,7 @@ class ProductRows:
 
 # |bf16(a) bf16(b) - a b| summed over the batch, relative to ||a|| ||b||: two input roundings of at most 2^-8 each
 # and one output rounding of 2^-8 (bf16 keeps 8 significant bits), with 10% to spare; the float32 accumulation
-# adds BF16_ACCUMULATION per term of the sum (see GradientRows.rounding_bound)
+# adds BF16_ACCUMULATION per term of the sum (see ProductRows.rounding_bound)
 BF16_ROUNDING = 1.1 * (2.0 ** -7 + 2.0 ** -8)
 BF16_ACCUMULATION = 2.0 ** -22
 
@@ -368,14 +369,12 @@ def bf16_matmul_fast() -> bool:
     float32 (4096 x 100 x 4096, one thread: 9.4 ms against 40.7; measured in session 9), and only their
     candidates rescored exactly. ``SPARSEBENCH_BF16=0`` / ``1`` overrides the check (1: force it, e.g. in
     tests; exactness does not depend on it, only speed)."""
+    from sparsebench.sparsity import native
+
     env = os.environ.get("SPARSEBENCH_BF16")
     if env is not None:
         return env != "0"
-    try:
-        flags = [ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags")][:1]
-    except OSError:
-        return False
-    have = set(flags[0].split()) if flags else set()
+    have = native.cpu_flags()
     try:
         ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch  # noqa: F401  (loaded first: the library's OpenMP binds to torch's libgomp)
 
@@ -35,27 +35,41 @@ ABI_VERSION = 8
 _reason: Optional[str] = None
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> Optional[Tuple[str, ...]]:
+    """The lines of Linux ``/proc/cpuinfo`` (read once), or None where it cannot be read."""
+    try:
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return None
+
+
+def _cpuinfo_value(key: str) -> str:
+    """The value of the first ``/proc/cpuinfo`` line starting with ``key`` (the first CPU's), else ``""``."""
+    for ln in _cpuinfo() or ():
+        if ln.startswith(key) and ":" in ln:
+            return ln.split(":", 1)[1].strip()
+    return ""
+
+
 def _cpu_id() -> str:
     """Model name and instruction-set flags of this CPU (Linux ``/proc/cpuinfo``; else the platform)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(keep) or platform.processor()
-    except OSError:
+    lines = _cpuinfo()
+    if lines is None:
         return platform.processor() + platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.processor()
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
-    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``; Linux ``/proc/cpuinfo``), else ``""``: the
-    kernels' register-block widths are measured per vendor (:attr:`~sparsebench.sparsity.kernels.NativeKernels.CHUNKS`)."""
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("vendor_id"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), else ``""``: the kernels' register-block
+    widths are measured per vendor (:attr:`~sparsebench.sparsity.kernels.NativeKernels.CHUNKS`)."""
+    return _cpuinfo_value("vendor_id")
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's instruction-set flags (``avx512f``, ``avx512_bf16``, ...), empty where unknown."""
+    return frozenset(_cpuinfo_value("flags").split())
 
 
 def _compiler() -> Optional[str]:

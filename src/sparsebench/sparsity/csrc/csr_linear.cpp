@@ -365,16 +365,22 @@ static int64_t select_bound_bf16_impl(const uint16_t* s, int64_t rows, int64_t n
             const __m512 vr = _mm512_set1_ps(rb[r]);
             const int32_t at = base + (int32_t)(r * n_in);
             int64_t j = 0;
+            // the 16 candidates at column o: |s| + rb[r] * cb[o ..] > tau; their positions compressed to oi + w
+            auto hits = [&](int64_t o) {
+                return _mm512_cmp_ps_mask(_mm512_fmadd_ps(vr, _mm512_loadu_ps(cb + o), bf16x16_abs(sr + o)), t, _CMP_GT_OQ);
+            };
+            auto store = [&](__mmask16 m, int64_t o, int64_t w) {
+                _mm512_storeu_si512(oi + w, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32(at + (int32_t)o))));
+            };
             for (; j + 32 <= n_in; j += 32) {  // one branch per 32 scores
-                const __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_fmadd_ps(vr, _mm512_loadu_ps(cb + j), bf16x16_abs(sr + j)), t, _CMP_GT_OQ);
-                const __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_fmadd_ps(vr, _mm512_loadu_ps(cb + j + 16), bf16x16_abs(sr + j + 16)), t, _CMP_GT_OQ);
+                const __mmask16 m0 = hits(j), m1 = hits(j + 16);
                 if (!(m0 | m1)) continue;
+                const int c0 = __builtin_popcount((unsigned)m0);
                 if (c + 32 <= share) {
-                    _mm512_storeu_si512(oi + c, _mm512_maskz_compress_epi32(m0, _mm512_add_epi32(iota, _mm512_set1_epi32(at + (int32_t)j))));
-                    const int c0 = __builtin_popcount((unsigned)m0);
-                    _mm512_storeu_si512(oi + c + c0, _mm512_maskz_compress_epi32(m1, _mm512_add_epi32(iota, _mm512_set1_epi32(at + (int32_t)j + 16))));
+                    store(m0, j, c);
+                    store(m1, j + 16, c + c0);
                 }
-                c += __builtin_popcount((unsigned)m0) + __builtin_popcount((unsigned)m1);
+                c += c0 + __builtin_popcount((unsigned)m1);
             }
             for (; j < n_in; ++j)
                 if (bf16_abs(sr[j]) + rb[r] * cb[j] > tau) { if (c < share) oi[c] = at + (int32_t)j; ++c; }
