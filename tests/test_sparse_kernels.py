@@ -453,6 +453,41 @@ def test_native_transposed_workspace_is_the_transposed_structure():
 
 
 @_NATIVE
+def test_native_large_batch_backward_fused_or_transposed_by_vendor_and_threads(monkeypatch):
+    """Above SMALL_BATCH the backward takes the fused scatter pass when the thread count is at most
+    FUSED_LARGE_THREADS (by vendor: AMD 1, others 0), else the transposed gather; both give the dense
+    reference's dx and dv, and the choice follows the rule (the transposed path is the one building W^T)."""
+    from sparsebench.sparsity import native
+    from sparsebench.sparsity.kernels import NativeKernels
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(120, 90, generator=g) * (torch.rand(120, 90, generator=g) < 0.08)
+    s = CSRStructure.from_mask(w != 0)
+    v = w[w != 0]
+    x, dy = torch.randn(300, 90, generator=g), torch.randn(300, 120, generator=g)
+    ref_dx, ref_dv = dy @ w, (dy.t() @ x)[w != 0]
+    threads = torch.get_num_threads()
+    try:
+        for vendor, fused_up_to in (("AuthenticAMD", 1), ("SomeOtherVendor", 0)):
+            monkeypatch.setattr(native, "cpu_vendor", lambda vendor=vendor: vendor)
+            k = NativeKernels()
+            assert k.FUSED_LARGE_THREADS == fused_up_to
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                built = []
+                orig = NativeKernels.transposed_workspace
+                monkeypatch.setattr(NativeKernels, "transposed_workspace",
+                                    lambda self, *a: built.append(1) or orig(self, *a))
+                dx, dv = k.backward(s, v, x, dy, True, True)
+                monkeypatch.setattr(NativeKernels, "transposed_workspace", orig)
+                assert bool(built) == (nt > fused_up_to), (vendor, nt)
+                torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(dv, ref_dv, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_NATIVE
 def test_native_chunk_widths_follow_the_cpu_vendor(monkeypatch):
     """NativeKernels takes the register-block widths measured for this CPU's vendor (CHUNKS), else the class
     defaults; both give the same products (the widths only change the blocking)."""

@@ -376,7 +376,8 @@ class NativeKernels(TorchCSRKernels):
       (on one thread below 2M products; on more, ``dx`` by batch chunks of whole vectors on half of the
       threads and ``dv`` by whole rows of ``W`` on all of them, no partial sums; ``dx`` rows are padded to
       cache lines so threads never share one);
-    * backward above it: ``W^T`` is built for the call by a counting sort (O(nnz + in),
+    * backward above it (unless the thread count is at most :attr:`FUSED_LARGE_THREADS`, measured per
+      vendor: then the same fused pass): ``W^T`` is built for the call by a counting sort (O(nnz + in),
       :meth:`transposed_workspace`: 12 bytes per active weight, freed when the call returns, never kept
       between steps, so the state stays at ``crow`` + ``col``), ``dx`` is the forward's gather over it and
       ``dv`` a row-parallel SDDMM: at batch 1024 the scatter's working set no longer fits the cache;
@@ -411,6 +412,14 @@ class NativeKernels(TorchCSRKernels):
     #: wider backward block (128 against 48) is 4-14% faster at 1 thread and 8-22% at 2 (wide MLP at 1%, 1 thread:
     #: 3.9 against 4.3 ms).
     CHUNKS = {"AuthenticAMD": (128, 128, 128, 128)}
+    #: Above :attr:`SMALL_BATCH` the backward runs the fused scatter pass (as at small batch) when torch's
+    #: thread count is at most this, else the transposed gather + SDDMM; by ``vendor_id`` (:attr:`FUSED_LARGE`),
+    #: default 0 (never). AMD EPYC (session 10), batch 1024, 128-column blocks, min of 40 interleaved calls: on
+    #: one thread fused / transposed 1.17 / 1.95 ms (1000 x 1000 at 1%), 4.5 / 6.0 (at 5%), 0.49 / 0.73
+    #: (1000 x 500 at 1%), 36 / 63 (4096 x 4096 at 1%), 177 / 248 (at 10%), 0.25 / 2.4 (10 x 4096 at 1%); on two
+    #: threads the transposed path stays ahead at 5% (2.5 / 3.5 ms on 1000 x 1000, 62 / 80 on 4096 x 4096).
+    FUSED_LARGE_THREADS = 0
+    FUSED_LARGE = {"AuthenticAMD": 1}
 
     def __init__(self):
         super().__init__()
@@ -421,6 +430,7 @@ class NativeKernels(TorchCSRKernels):
         widths = self.CHUNKS.get(native.cpu_vendor())
         if widths is not None:
             self.FWD_CHUNK, self.FWD_CHUNK_LARGE, self.BWD_CHUNK, self.BWD_CHUNK_LARGE = widths
+        self.FUSED_LARGE_THREADS = self.FUSED_LARGE.get(native.cpu_vendor(), type(self).FUSED_LARGE_THREADS)
 
     @staticmethod
     def _lib():
@@ -489,7 +499,8 @@ class NativeKernels(TorchCSRKernels):
             return super().backward(s, values, x, dy, need_dx, need_dv)
         xt, dyt, v = _feature_major(x), _feature_major(dy), values.detach().contiguous()
         b = x.shape[0]
-        if b > self.SMALL_BATCH:  # transient W^T: gather dx, then the row-parallel SDDMM
+        if b > self.SMALL_BATCH and torch.get_num_threads() > self.FUSED_LARGE_THREADS:
+            # transient W^T: gather dx, then the row-parallel SDDMM
             t_crow, t_col, t_val = self.transposed_workspace(s, v)
             dxt = self._gather(s.shape[1], t_crow, t_col, t_val, dyt)
             del t_crow, t_col, t_val
