@@ -156,6 +156,11 @@ def worker(threads, reps, full, libs, models, batches):
                         rows.append({"model": mname, "batch": batch, "threads": threads, "variant": v,
                                      "density": d, "error": f"{type(err).__name__}: {err}"[:120]})
 
+            if "sparselab" in libs:  # sparselab 0.2.2 caches W^T by id(W): a freed model's id reused by a new
+                import sparselab.ops  # one hits a stale entry (IndexError in backward); no live W shares an id
+
+                sparselab.ops._clear_transpose_cache()
+
             def step(model, opt):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
