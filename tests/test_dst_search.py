@@ -391,14 +391,14 @@ def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(monk
     itself tested against faiss' index) for two-sign and one-sign metrics, lists that bind (k of 1-2%:
     queries lose pairs to their list length) and blocks of 7 and 64 rows or the whole matrix; with the
     bf16 prefilter too (abs_ip only: its scores are a product; l2 never takes it), which only a layer over
-    SCAN_ELEMENTS scores takes."""
+    SCAN_MIN_ELEMENTS scores takes."""
     import sparsebench.dst.selection as sel
     from sparsebench.sparsity import native
 
     import sparsebench.dst.search as search_mod
 
     monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: bf16)
-    monkeypatch.setattr(search_mod, "SCAN_ELEMENTS", 1000)  # this small layer counts as a large one
+    monkeypatch.setattr(search_mod, "SCAN_MIN_ELEMENTS", 1000)  # this small layer counts as a large one
     used = []
     real = sel.rows_above_bounded
     monkeypatch.setattr(sel, "rows_above_bounded", lambda *a, **k: used.append(1) or real(*a, **k))

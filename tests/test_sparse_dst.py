@@ -283,6 +283,7 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
     from sparsebench.sparsity import native
 
     monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)  # blocks of 37 rows, off a multiple of 600
+    monkeypatch.setattr(grow_mod, "SCAN_MIN_ELEMENTS", 500 * 37)  # and the layer large enough to be scanned
     import sparsebench.dst.selection as sel
 
     monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: bf16)  # the bf16 prefilter on or off
@@ -319,6 +320,32 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
     norms = (torch.arange(n_out).flip(0).double().numpy(), torch.ones(n_in).double().numpy())
     ri, ci = sample_grid(n_out, n_in, norms=norms)  # stratified: the strongest row (0) is always sampled
     assert ri[0] == 0 and len(ri) == 256 and bool((ri[1:] > ri[:-1]).all()) and len(ci) == 256
+
+
+def test_a_layer_below_scan_min_elements_takes_the_row_blocks_one_above_the_scan(monkeypatch):
+    """blocked_topn scans a sparse layer (grid, threshold, bf16 prefilter) only above SCAN_MIN_ELEMENTS
+    scores, where the bf16 product saves more than the grid costs; a layer of more than one scan block but
+    at most SCAN_MIN_ELEMENTS scores (fc5's 1000 x 1000) takes the float32 row blocks. Both return
+    torch.topk's set."""
+    import sparsebench.dst.grow as grow_mod
+
+    scanned = []
+    real = grow_mod._scanned_topn
+    monkeypatch.setattr(grow_mod, "_scanned_topn", lambda *a, **k: scanned.append(1) or real(*a, **k))
+    monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)
+    g = torch.Generator().manual_seed(8)
+    n_out, n_in, n = 600, 500, 1500
+    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
+    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
+    ex = mask.reshape(-1).nonzero().squeeze(1)
+    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+    want = set(torch.topk(full, n).indices.tolist())
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
+    for scan_min, scans in [(n_out * n_in, 0), (n_out * n_in - 1, 1)]:  # at the limit: row blocks; above: the scan
+        monkeypatch.setattr(grow_mod, "SCAN_MIN_ELEMENTS", scan_min)
+        scanned.clear()
+        _, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo={})
+        assert len(scanned) == scans and set(flat.tolist()) == want
 
 
 @pytest.mark.parametrize("native_built", [True, False])
@@ -437,6 +464,7 @@ def test_prefilter_declines_a_bound_too_coarse_to_prune(monkeypatch):
     import sparsebench.dst.selection as sel
 
     monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)
+    monkeypatch.setattr(grow_mod, "SCAN_MIN_ELEMENTS", 500 * 37)
     monkeypatch.setattr(sel, "bf16_matmul_fast", lambda: True)
     monkeypatch.setattr(sel, "BF16_ROUNDING", 1e6 * sel.BF16_ROUNDING)
     called = []

@@ -38,9 +38,9 @@ from torch import nn
 from sparsebench.core.registry import Registry
 from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search
-from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, flat_nonzero,
-                                       host_view, largest_indices, prefiltered_above, random_growable, rows_above,
-                                       sample_grid, sampled_threshold, select_above, topk_indices)
+from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted,
+                                       flat_nonzero, host_view, largest_indices, prefiltered_above, random_growable,
+                                       rows_above, sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
 
@@ -121,7 +121,7 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     """Exact top-``n`` growable entries of an ``(n_out, n_in)`` score matrix computed a block of rows at
     a time, so at most ``block_elements`` scores exist at once (bounded peak memory).
 
-    A sparse layer of more than :data:`~sparsebench.dst.selection.SCAN_ELEMENTS` scores, given a scorer with a
+    A sparse layer of more than :data:`~sparsebench.dst.selection.SCAN_MIN_ELEMENTS` scores, given a scorer with a
     ``sample(rows, cols)`` method (:class:`GradientRows`), is first scanned once with a threshold from a grid of
     its scores (:func:`_scanned_topn`: every block selected while it is in cache); only when that lets fewer
     than ``n`` growable entries pass does the row-block path below run.
@@ -150,7 +150,7 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         matrix up to ties.
     """
     n_out, n_in = layer.shape
-    if n_out * n_in > SCAN_ELEMENTS and layer.excluded is not None and hasattr(score_rows, "sample"):
+    if n_out * n_in > SCAN_MIN_ELEMENTS and layer.excluded is not None and hasattr(score_rows, "sample"):
         got = _scanned_topn(score_rows, layer, n, min(int(block_elements), SCAN_ELEMENTS), absolute, memo)
         if got is not None:
             return got

@@ -29,7 +29,7 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
+from sparsebench.dst.selection import (_NEG_INF, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
                                        prefiltered_above, sample_grid, sampled_threshold, select_above, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
@@ -475,10 +475,10 @@ class FaissSearch(Search):
         hint = self._hints.setdefault(key + "/sparse", {})
         margin = hint.get("mg", 1.3)
         exn = ex.cpu().numpy()
-        # |G^T U| itself (abs_ip): in a layer of more than a scan block the pairs above t can come from the bf16
-        # prefilter (prefiltered_above); a smaller one is one float32 block, cheaper than a grid and a prefilter
+        # |G^T U| itself (abs_ip): in a layer of more than SCAN_MIN_ELEMENTS scores the pairs above t can come from
+        # the bf16 prefilter (prefiltered_above); a smaller one is float32 blocks, cheaper than a grid and a prefilter
         product = None
-        if two and self.metric.is_weight_gradient and N > SCAN_ELEMENTS:
+        if two and self.metric.is_weight_gradient and N > SCAN_MIN_ELEMENTS:
             product = ProductRows(G, U, self._pool)
         t: Optional[float] = None
         grid = None
