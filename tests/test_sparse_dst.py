@@ -322,6 +322,19 @@ def test_scanned_topn_equals_the_full_topk_and_a_missed_estimate_falls_back(monk
     assert ri[0] == 0 and len(ri) == 256 and bool((ri[1:] > ri[:-1]).all()) and len(ci) == 256
 
 
+def _sparse_layer_600x500(seed):
+    """A sparse 600 x 500 layer's captured vectors at batch 64, 3000 active positions, n = 1500 to grow:
+    ``(LayerUpdate, n, the set of torch.topk over the masked |dz^T x|)``."""
+    g = torch.Generator().manual_seed(seed)
+    n_out, n_in, n = 600, 500, 1500
+    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
+    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
+    ex = mask.reshape(-1).nonzero().squeeze(1)
+    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
+    return lu, n, set(torch.topk(full, n).indices.tolist())
+
+
 def test_a_layer_below_scan_min_elements_takes_the_row_blocks_one_above_the_scan(monkeypatch):
     """blocked_topn scans a sparse layer (grid, threshold, bf16 prefilter) only above SCAN_MIN_ELEMENTS
     scores, where the bf16 product saves more than the grid costs; a layer of more than one scan block but
@@ -333,15 +346,8 @@ def test_a_layer_below_scan_min_elements_takes_the_row_blocks_one_above_the_scan
     real = grow_mod._scanned_topn
     monkeypatch.setattr(grow_mod, "_scanned_topn", lambda *a, **k: scanned.append(1) or real(*a, **k))
     monkeypatch.setattr(grow_mod, "SCAN_ELEMENTS", 500 * 37)
-    g = torch.Generator().manual_seed(8)
-    n_out, n_in, n = 600, 500, 1500
-    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
-    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
-    ex = mask.reshape(-1).nonzero().squeeze(1)
-    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
-    want = set(torch.topk(full, n).indices.tolist())
-    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
-    for scan_min, scans in [(n_out * n_in, 0), (n_out * n_in - 1, 1)]:  # at the limit: row blocks; above: the scan
+    lu, n, want = _sparse_layer_600x500(8)
+    for scan_min, scans in [(600 * 500, 0), (600 * 500 - 1, 1)]:  # at the limit: row blocks; above: the scan
         monkeypatch.setattr(grow_mod, "SCAN_MIN_ELEMENTS", scan_min)
         scanned.clear()
         _, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo={})
@@ -469,15 +475,9 @@ def test_prefilter_declines_a_bound_too_coarse_to_prune(monkeypatch):
     monkeypatch.setattr(sel, "BF16_ROUNDING", 1e6 * sel.BF16_ROUNDING)
     called = []
     monkeypatch.setattr(sel, "rows_above_bounded", lambda *a, **k: called.append(1))
-    g = torch.Generator().manual_seed(14)
-    n_out, n_in, n = 600, 500, 1500
-    x, dz = torch.randn(64, n_in, generator=g), torch.randn(64, n_out, generator=g)
-    mask = topk_mask(torch.rand(n_out, n_in, generator=g), 3000)
-    ex = mask.reshape(-1).nonzero().squeeze(1)
-    full = (dz.t() @ x).abs().reshape(-1).masked_fill(mask.reshape(-1) != 0, -float("inf"))
-    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, x, dz, shape=(n_out, n_in), excluded=ex)
+    lu, n, want = _sparse_layer_600x500(14)
     vals, flat = blocked_topn(gradient_rows(lu), lu, n, absolute=True, memo={})
-    assert called == [] and set(flat.tolist()) == set(torch.topk(full, n).indices.tolist())
+    assert called == [] and set(flat.tolist()) == want
 
 
 def test_sampled_threshold_ranks_the_growable_grid_scores_only():
