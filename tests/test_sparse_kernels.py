@@ -8,6 +8,7 @@ from torch import nn
 
 from sparsebench.models import MLP
 from sparsebench.core.errors import ConfigError
+from sparsebench.core.threads import scoped_threads
 from sparsebench.sparsity.kernels import (AUTO_ORDER, KERNELS, CSRStructure, TorchCSRKernels, available_kernels,
                                         get_kernels, resolve_kernels)
 from sparsebench.sparsity.masking import Masking
@@ -466,25 +467,20 @@ def test_native_large_batch_backward_fused_or_transposed_by_vendor_and_threads(m
     v = w[w != 0]
     x, dy = torch.randn(300, 90, generator=g), torch.randn(300, 120, generator=g)
     ref_dx, ref_dv = dy @ w, (dy.t() @ x)[w != 0]
-    threads = torch.get_num_threads()
-    try:
-        for vendor, fused_up_to in (("AuthenticAMD", 1), ("SomeOtherVendor", 0)):
-            monkeypatch.setattr(native, "cpu_vendor", lambda vendor=vendor: vendor)
-            k = NativeKernels()
-            assert k.FUSED_LARGE_THREADS == fused_up_to
-            for nt in (1, 2):
-                torch.set_num_threads(nt)
-                built = []
-                orig = NativeKernels.transposed_workspace
-                monkeypatch.setattr(NativeKernels, "transposed_workspace",
-                                    lambda self, *a: built.append(1) or orig(self, *a))
+    built = []
+    orig = NativeKernels.transposed_workspace
+    monkeypatch.setattr(NativeKernels, "transposed_workspace", lambda self, *a: built.append(1) or orig(self, *a))
+    for vendor, fused_up_to in (("AuthenticAMD", 1), ("SomeOtherVendor", 0)):
+        monkeypatch.setattr(native, "cpu_vendor", lambda vendor=vendor: vendor)
+        k = NativeKernels()
+        assert k.FUSED_LARGE_THREADS == fused_up_to
+        for nt in (1, 2):
+            built.clear()
+            with scoped_threads(nt, torch.get_num_threads, torch.set_num_threads):
                 dx, dv = k.backward(s, v, x, dy, True, True)
-                monkeypatch.setattr(NativeKernels, "transposed_workspace", orig)
-                assert bool(built) == (nt > fused_up_to), (vendor, nt)
-                torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(dv, ref_dv, rtol=1e-4, atol=1e-4)
-    finally:
-        torch.set_num_threads(threads)
+            assert bool(built) == (nt > fused_up_to), (vendor, nt)
+            torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(dv, ref_dv, rtol=1e-4, atol=1e-4)
 
 
 @_NATIVE

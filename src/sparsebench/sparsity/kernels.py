@@ -427,10 +427,11 @@ class NativeKernels(TorchCSRKernels):
 
         if native.load() is None:  # the library itself stays in native.load's cache (models deep-copy)
             raise ImportError(f"native sparse kernels unavailable: {native.unavailable_reason()}")
-        widths = self.CHUNKS.get(native.cpu_vendor())
+        vendor = native.cpu_vendor()
+        widths = self.CHUNKS.get(vendor)
         if widths is not None:
             self.FWD_CHUNK, self.FWD_CHUNK_LARGE, self.BWD_CHUNK, self.BWD_CHUNK_LARGE = widths
-        self.FUSED_LARGE_THREADS = self.FUSED_LARGE.get(native.cpu_vendor(), type(self).FUSED_LARGE_THREADS)
+        self.FUSED_LARGE_THREADS = self.FUSED_LARGE.get(vendor, self.FUSED_LARGE_THREADS)
 
     @staticmethod
     def _lib():
