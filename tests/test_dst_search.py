@@ -12,7 +12,9 @@ from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.grow import LayerUpdate, SimilarityGrow
 from sparsebench.dst.search import (BruteForceSearch, FaissIndexSearch, FaissSearch, _merge_topn,
                                     _per_query_candidates, per_query_topn)
-from sparsebench.dst.selection import topk_indices
+import numpy as np
+
+from sparsebench.dst.selection import kth_np, top_and_kth_np, top_np, topk_indices
 from sparsebench.dst.similarity import AbsInnerProduct, L2Similarity, LSHSimilarity
 from sparsebench.dst.updater import DSTUpdater
 from sparsebench.sparsity.distributions import layer_counts, random_masks
@@ -115,6 +117,28 @@ def test_sampled_threshold_topk_is_exact(largest):
         ref = torch.topk(scores, 1500, largest=largest).values
         assert torch.equal(torch.sort(scores[got]).values, torch.sort(ref).values)
 
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_numpy_selection_primitives_equal_a_full_sort_on_tied_scores(largest):
+    # top_np / kth_np / top_and_kth_np (torch.topk on a numpy view; numpy's partition is 10-25x slower on
+    # ties) give the sorted order's values: arrays of mostly zeros and -inf marks, k from 1 to the size
+    # (kth_np ranks from the nearer end)
+    rng = np.random.default_rng(0)
+    for size, zero in [(9, 0.5), (8192, 0.9), (100_000, 0.6), (5000, 0.0)]:
+        a = np.abs(rng.standard_normal(size)).astype(np.float32)
+        a[rng.random(size) < zero] = 0.0
+        a[rng.random(size) < 0.05] = -np.inf
+        ranked = np.sort(a)[::-1] if largest else np.sort(a)
+        for k in sorted({1, 2, size // 3, size // 2, size // 2 + 1, size - 1, size}):
+            v, i = top_np(a, k, largest)
+            assert i.dtype == np.int64 and np.unique(i).size == k and np.array_equal(a[i], v)
+            assert np.array_equal(np.sort(v), np.sort(ranked[:k]))
+            assert kth_np(a, k, largest) == ranked[k - 1]
+            n = max(1, k // 2)
+            top, t = top_and_kth_np(a, n, k, largest)
+            assert t == ranked[k - 1] and np.unique(top).size == n
+            assert np.array_equal(np.sort(a[top]), np.sort(ranked[:n]))
 
 
 def test_brute_abs_ip_reads_the_dense_gradient_and_matches_the_explicit_search():

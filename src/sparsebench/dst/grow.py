@@ -40,7 +40,7 @@ from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search
 from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted,
                                        flat_nonzero, host_view, largest_indices, prefiltered_above, random_growable,
-                                       rows_above, sample_grid, sampled_threshold, select_above, topk_indices)
+                                       rows_above, sample_grid, sampled_threshold, select_above, top_np, topk_indices)
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
 
@@ -210,7 +210,7 @@ def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, a
         return None
     memo[key] = max(SCAN_MARGIN, 0.9 * margin)
     if f.size > n:
-        top = np.argpartition(v, f.size - n)[f.size - n:]
+        top = top_np(v, n)[1]
         f, v = f[top], v[top]
     return torch.from_numpy(np.array(v, dtype=np.float32)), torch.from_numpy(f.astype(np.int64))
 

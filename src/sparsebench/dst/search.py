@@ -30,7 +30,8 @@ import torch
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
 from sparsebench.dst.selection import (_NEG_INF, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
-                                       prefiltered_above, sample_grid, sampled_threshold, select_above, topk_indices)
+                                       prefiltered_above, sample_grid, sampled_threshold, select_above, top_and_kth_np,
+                                       top_np, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
 
 SEARCHES: Registry = Registry("method.search")
@@ -78,7 +79,7 @@ def _merge_topn(flat, sim, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
             ok = M[f] == 0
             f, s = f[ok], s[ok]
             if f.size > n:  # the rule: no pair twice among the n best, so no de-duplication needed
-                sel = f[np.argpartition(s, f.size - n)[f.size - n:]]
+                sel = f[top_np(s, n)[1]]
                 if np.unique(sel).size == n:
                     return torch.from_numpy(sel)
             best = _best_distinct_np(f, s, n)
@@ -311,20 +312,19 @@ def per_query_topn(S: torch.Tensor, signs: Sequence[int], k: int, mask_flat: tor
             f, s = P[ok], v[ok]
             ratio = P.size / max(f.size, 1)  # preselected per usable pair
             if f.size >= n:
-                # the next call's threshold: the score of the (margin * n)-th usable pair (one partition
+                # the next call's threshold: the score of the (margin * n)-th usable pair (one top-k
                 # with the top-n cut), or below the lowest preselected if fewer were usable
                 want = int(margin * n) + 8
                 hint["r"], hint["mg"] = margin * ratio, max(1.3, 0.95 * margin)
                 if f.size >= want:
-                    part = np.argpartition(s, (f.size - want, f.size - n))
-                    nxt = float(s[part[f.size - want]])
+                    top, nxt = top_and_kth_np(s, n, want)
                 else:
-                    part = np.argpartition(s, f.size - n) if f.size > n else None
+                    top = top_np(s, n)[1] if f.size > n else None
                     lo = float(v.min())
                     nxt = 0.8 * lo if len(signs) == 2 else lo
                 hint["t"] = nxt / scale
-                if part is not None:
-                    f = f[part[f.size - n:]]
+                if top is not None:
+                    f = f[top]
                 return torch.from_numpy(f)
             margin = hint["mg"] = min(4.0, 1.5 * margin)
             if t is not None and relax > 0:  # positive |S| threshold: relax it (twice at most)
@@ -528,7 +528,7 @@ class FaissSearch(Search):
             if f.size >= n:
                 hint["mg"] = max(1.3, 0.95 * margin)
                 if f.size > n:
-                    f = f[np.argpartition(sv, f.size - n)[f.size - n:]]
+                    f = f[top_np(sv, n)[1]]
                 return torch.from_numpy(f.astype(np.int64))
             margin = hint["mg"] = min(4.0, 1.5 * margin)
             t *= 0.5
