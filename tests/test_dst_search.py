@@ -407,6 +407,30 @@ def test_native_select_equals_the_compare_and_nonzero_it_replaces():
         assert set(topk_indices(s, n).tolist()) == set(torch.topk(s, n).indices.tolist())
 
 
+@pytest.mark.parametrize("k_similar", [0.15, 0.01])
+def test_faiss_search_on_the_nonzero_part_of_a_sparse_layer_equals_the_full_search(monkeypatch, k_similar):
+    """FaissSearch.find_sparse with abs_ip searches only the rows and columns of S that can be nonzero
+    (nonzero_part; the per-query k of the whole layer): find's set on the whole S, whose query lists also
+    hold zero-score pairs (fewer positive pairs per query and sign than k at k_similar = 0.15)."""
+    import sparsebench.dst.search as search_mod
+
+    parts = []
+    real = search_mod.nonzero_part
+    monkeypatch.setattr(search_mod, "nonzero_part", lambda *a, **k: parts.append(real(*a, **k)) or parts[-1])
+    g = torch.Generator().manual_seed(12)
+    n_out, n_in, B, n = 600, 500, 16, 1500
+    G, U = torch.randn(B, n_out, generator=g), torch.randn(B, n_in, generator=g)
+    G[:, torch.randperm(n_out, generator=g)[:450]] = 0.0
+    U[:, ::4] = 0.0
+    mask = (torch.rand(n_out * n_in, generator=g) < 0.01).to(torch.uint8)
+    ex = mask.nonzero().squeeze(1)
+    lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, U, G, shape=(n_out, n_in), excluded=ex)
+    want = set(FaissSearch(AbsInnerProduct(), k_similar).find("l", G, U, mask, n).tolist())
+    got = FaissSearch(AbsInnerProduct(), k_similar).find_sparse("l", G, U, lu, n, 1 << 22)
+    assert parts and parts[0] is not None and parts[0][3].numel() == 150 and parts[0][4].numel() == 375
+    assert got.numel() == n and set(got.tolist()) == want and not bool(mask[got].any())
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("metric_cls,k_similar", [(AbsInnerProduct, 0.15), (AbsInnerProduct, 0.01), (L2Similarity, 0.02)])
 def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(monkeypatch, metric_cls, k_similar, bf16):

@@ -40,7 +40,8 @@ from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.search import SEARCHES, check_search
 from sparsebench.dst.selection import (_NEG_INF, SCAN_ELEMENTS, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted,
                                        flat_nonzero, host_view, largest_indices, prefiltered_above, random_growable,
-                                       rows_above, sample_grid, sampled_threshold, select_above, top_np, topk_indices)
+                                       nonzero_part, rows_above, sample_grid, sampled_threshold, select_above, top_np,
+                                       topk_indices)
 from sparsebench.dst.similarity import METRICS
 from sparsebench.sparsity.masking import Masking
 
@@ -101,6 +102,13 @@ class LayerUpdate:
                                    numel=self.shape[0] * self.shape[1])
         return random_growable(self.mask_flat, n, generator, exclude=exclude)
 
+    def restricted(self, excluded: torch.Tensor, shape: Tuple[int, int]) -> "LayerUpdate":
+        """This layer's update on a part of its matrix (e.g. :func:`~sparsebench.dst.selection.nonzero_part`):
+        the same name, module, ``n`` and captured tensors, of ``shape`` with the part's ``excluded`` (sorted flat
+        positions of the part)."""
+        return LayerUpdate(self.name, self.module, None, None, self.n, self.x, self.grad_out, shape=shape,
+                           excluded=excluded)
+
     def excluded_in_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Non-growable positions of rows ``[r0, r1)``, as flat indices into that row block (long)."""
         n_in = self.shape[1]
@@ -117,7 +125,7 @@ class LayerUpdate:
 
 def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpdate, n: int,
                  block_elements: int = 1 << 22, absolute: bool = False,
-                 memo: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 memo: Optional[dict] = None, positive: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``n`` growable entries of an ``(n_out, n_in)`` score matrix computed a block of rows at
     a time, so at most ``block_elements`` scores exist at once (bounded peak memory).
 
@@ -143,12 +151,43 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         block_elements: scores per block (rows per block: ``max(1, block_elements // n_in)``).
         absolute: rank ``|score|`` (``score_rows`` gives the signed product, e.g. :func:`gradient_rows`).
         memo: the caller's dict for the fixed sample positions of the first block's threshold.
+        positive: with ``absolute`` only: return only scores above zero, and with a
+            :class:`~sparsebench.dst.selection.ProductRows` scorer (``G^T U``) of a sparse layer score only the
+            rows and columns that can hold them (:func:`~sparsebench.dst.selection.nonzero_part`: the product,
+            the threshold and the selection run on that part). The caller fills what is short of ``n`` among
+            the zero scores, all tied (e.g. at random).
 
     Returns:
-        ``(values, flat)``: the ``min(n, growable)`` largest scores and their flat positions
-        ``row * n_in + col`` (a set, no order): the same set as ``torch.topk`` over the full masked
-        matrix up to ties.
+        ``(values, flat)``: the ``min(n, growable)`` largest scores (``positive``: of those above zero) and
+        their flat positions ``row * n_in + col`` (a set, no order): the same set as ``torch.topk`` over
+        the full masked matrix up to ties.
     """
+    part = None
+    if positive and absolute and isinstance(score_rows, ProductRows) and layer.excluded is not None:
+        part = nonzero_part(score_rows.G, score_rows.U, layer.excluded)
+    if part is not None:
+        Gp, Up, ex, rows, cols = part
+        sub_memo = memo.setdefault(("nonzero_part", layer.name), {}) if memo is not None else {}
+        v, f = blocked_topn(ProductRows(Gp, Up, score_rows._pool), layer.restricted(ex, (rows.numel(), cols.numel())),
+                            n, block_elements, True, sub_memo)
+        for k in [k for k in sub_memo if isinstance(k, tuple) and k[0] == "sample"]:
+            del sub_memo[k]  # sample positions depend on the part's size, which changes every update
+        if memo is not None and "scan_misses" in sub_memo:
+            memo["scan_misses"] = memo.get("scan_misses", 0) + sub_memo.pop("scan_misses")
+        ok = v > 0
+        v, f = v[ok], f[ok]
+        c = cols.numel()
+        return v, rows[f // c] * layer.shape[1] + cols[f % c]
+    got = _blocked_topn_all(score_rows, layer, n, block_elements, absolute, memo)
+    if positive and absolute:
+        ok = got[0] > 0
+        got = (got[0][ok], got[1][ok])
+    return got
+
+
+def _blocked_topn_all(score_rows, layer: LayerUpdate, n: int, block_elements: int, absolute: bool,
+                      memo: Optional[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`blocked_topn` over the whole matrix: the scan, else the row blocks."""
     n_out, n_in = layer.shape
     if n_out * n_in > SCAN_MIN_ELEMENTS and layer.excluded is not None and hasattr(score_rows, "sample"):
         got = _scanned_topn(score_rows, layer, n, min(int(block_elements), SCAN_ELEMENTS), absolute, memo)
@@ -188,7 +227,7 @@ def _scanned_topn(score_rows, layer: LayerUpdate, n: int, block_elements: int, a
     ex = host_view(layer.excluded)
     if not isinstance(ex, np.ndarray):
         return None
-    key = ("scan_margin", layer.name, n_out, n_in)
+    key = ("scan_margin", layer.name)  # per layer, whatever the shape of its scored part (nonzero_part)
     margin = memo.get(key, SCAN_MARGIN)
     t = sampled_threshold(np.abs(smp) if absolute else smp, ri, ci, n_in, n, N, ex, margin)
     if t is None:
@@ -409,7 +448,11 @@ class GradientGrow(GrowCriterion):
         if layer.x is None or layer.grad_out is None:
             return self.random_fill(layer, layer.n)
         _, chosen = blocked_topn(gradient_rows(layer, self._pool), layer, layer.n, self.block_elements,
-                                 absolute=True, memo=self._memo)
+                                 absolute=True, memo=self._memo, positive=True)
+        short = layer.n - chosen.numel()
+        if short > 0:  # every other growable position has |dL/dW| = 0: tied, drawn at random among them
+            self.count("zero_ties", short)
+            chosen = torch.cat([chosen, layer.random_growable(short, self.generator, exclude=chosen)])
         return chosen
 
 

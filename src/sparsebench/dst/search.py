@@ -22,7 +22,7 @@ is the one check that a search can rank a metric (``brute`` needs a metric with 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
 from sparsebench.dst.selection import (_NEG_INF, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
+                                       nonzero_part,
                                        prefiltered_above, sample_grid, sampled_threshold, select_above, top_and_kth_np,
                                        top_np, topk_indices)
 from sparsebench.dst.similarity import METRICS, SimilarityMetric
@@ -443,7 +444,8 @@ class FaissSearch(Search):
             best_v, best_f = keep_topn(best_v, best_f, v, f, n)
         return best_f
 
-    def find_sparse(self, key, G, U, layer, n, block_elements):
+    def find_sparse(self, key, G, U, layer, n, block_elements, k: Optional[int] = None,
+                    whole: Optional[Callable[[], Optional[torch.Tensor]]] = None):
         """The flat-index search on a truly sparse layer in row blocks of ``S = signed_scores(G, U)``, without
         the ``(n_out, n_in)`` mask: every pair whose score (``|S|`` for two signs) exceeds one threshold
         ``t > 0`` is preselected from each block by one native pass (:func:`select_above`; active pairs
@@ -459,7 +461,13 @@ class FaissSearch(Search):
         every pair, active ones included) and the pairs above it from
         :func:`~sparsebench.dst.selection.prefiltered_above` (a bf16 product's candidates rescored exactly: the
         same pairs and scores up to the summation order). Only metrics
-        answered from scores, float32 on the CPU; else that fallback."""
+        answered from scores, float32 on the CPU; else that fallback.
+
+        With ``abs_ip`` the search runs on the part of ``S`` that can be nonzero
+        (:func:`~sparsebench.dst.selection.nonzero_part`; ``k`` stays the whole layer's per-query count): a
+        zero score is never preselected (``t > 0``) and never outranks a preselected pair in its query's
+        list, so the part's answer is the whole matrix's, mapped back. ``k`` and ``whole`` serve that call
+        (the per-query count, and a fallback returning None)."""
         n_out, n_in = G.shape[1], U.shape[1]
         signs = tuple(int(v) for v in self.metric.signs)
         ex = layer.excluded
@@ -467,7 +475,16 @@ class FaissSearch(Search):
                 or G.device.type != "cpu" or G.dtype != torch.float32 or U.dtype != torch.float32):
             return super().find_sparse(key, G, U, layer, n, block_elements)
         two = len(signs) == 2
-        N, k = n_out * n_in, _k_per_query(self.k_similar, n_out)
+        part = nonzero_part(G, U, ex) if two and self.metric.is_weight_gradient and k is None else None
+        N, k = n_out * n_in, (_k_per_query(self.k_similar, n_out) if k is None else k)
+        if whole is None:  # the fallback: Search's bounded search of this matrix (a part's: None, see below)
+            def whole():
+                return super(FaissSearch, self).find_sparse(key, G, U, layer, n, block_elements)
+        if part is not None:  # a part's miss falls back to the whole layer's bounded search
+            Gp, Up, exp, r, c = part
+            f = self.find_sparse(key + "/part", Gp, Up, layer.restricted(exp, (r.numel(), c.numel())), n,
+                                 block_elements, k, lambda: None)
+            return whole() if f is None else r[f // c.numel()] * n_in + c[f % c.numel()]
         rows = max(1, int(block_elements) // max(1, n_in))
         buf = self._products.get(key + "/rows")
         if buf is None or buf.numel() < rows * n_in:
@@ -497,7 +514,7 @@ class FaissSearch(Search):
                 _, v1 = block_top(sflat, m, two, None, torch.empty(0, dtype=torch.long))
                 t, first = (float(v1.min()) if v1.numel() else 0.0), sflat
                 if two and not t > 0:  # zero scores reach both lists: the exact ranks need t > 0
-                    return super().find_sparse(key, G, U, layer, n, block_elements)
+                    return whole()
             got = None
             if grid is not None:
                 got = prefiltered_above(product, t, 2 * int(block_elements), int(2 * margin * n) + 1024, grid)
@@ -532,7 +549,7 @@ class FaissSearch(Search):
                 return torch.from_numpy(f.astype(np.int64))
             margin = hint["mg"] = min(4.0, 1.5 * margin)
             t *= 0.5
-        return super().find_sparse(key, G, U, layer, n, block_elements)
+        return whole()
 
     def find_index(self, key: str, G: torch.Tensor, U: torch.Tensor, mask_flat: torch.Tensor, n: int) -> torch.Tensor:
         """The search through the faiss library's index of the metric (:meth:`SimilarityMetric.index`):
