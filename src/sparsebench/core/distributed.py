@@ -12,7 +12,9 @@ sparse layers' CSR structures, values and value optimizer state. Only rank 0 wri
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,9 +50,22 @@ def leave() -> None:
     """Leave the process group (``destroy_process_group``), registered at exit by :func:`init_from_env`: a
     group left to the interpreter's teardown can have its backend's threads destroyed while still joinable,
     and the rank then aborts after its work is done ("terminate called without an active exception",
-    SIGABRT: seen twice in the full-suite runs of sessions 8 and 9, each time in a different two-process gloo
-    test)."""
+    SIGABRT: seen in full-suite runs of sessions 8, 9, 10 and 12, each time in a two-process gloo test, never
+    in 17 solo runs of session 12). Before that: a garbage collection, since a
+    ``DistributedDataParallel`` left in a reference cycle (trainer <-> callbacks) keeps the backend alive
+    through its reducer until the interpreter's final collection, where freeing it can abort (pytorch PR
+    179291 describes that crash); then a barrier, so that no rank tears its group down while a peer is
+    still in a collective (gloo: ``monitored_barrier``, 60 s, so a rank that died does not hang the exit;
+    a failed barrier is ignored: the group is destroyed anyway)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:  # a peer failed or left first (DistBackendError is a RuntimeError)
+            pass
         dist.destroy_process_group()
 
 

@@ -168,7 +168,7 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     if part is not None:
         Gp, Up, ex, rows, cols = part
         sub_memo = memo.setdefault(("nonzero_part", layer.name), {}) if memo is not None else {}
-        v, f = blocked_topn(ProductRows(Gp, Up, score_rows._pool), layer.restricted(ex, (rows.numel(), cols.numel())),
+        v, f = blocked_topn(ProductRows(Gp, Up, score_rows.pool), layer.restricted(ex, (rows.numel(), cols.numel())),
                             n, block_elements, True, sub_memo)
         for k in [k for k in sub_memo if isinstance(k, tuple) and k[0] == "sample"]:
             del sub_memo[k]  # sample positions depend on the part's size, which changes every update
@@ -420,7 +420,10 @@ class GradientGrow(GrowCriterion):
     ``|dL/dW| = |dz^T x|`` a block of rows at a time (:func:`blocked_topn`: at most ``block_elements``
     float scores at once, exact top-n), never the whole ``(n_out, n_in)`` matrix. The block buffer is
     kept between updates (``4 x block_elements`` bytes, 16 MB by default), so an update does not pay a
-    fresh buffer's page faults.
+    fresh buffer's page faults. Only the rows and columns that can score above zero are scored
+    (``blocked_topn(positive=True)``); where fewer than ``n`` growable scores are above zero, the rest is
+    drawn at random among the tied zeros (``stats['zero_ties']``; the masked mode's top-n takes whichever
+    zeros ``torch.topk`` returns: the same set up to ties).
 
     Args:
         block_elements: scores per row block on sparse layers (default 4M: 16 MB of float32; 1M-element

@@ -312,6 +312,11 @@ class ProductRows:
         self._norms: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
+    def pool(self) -> Dict[str, torch.Tensor]:
+        """The dict of reused buffers (shared with a scorer of a part of this matrix)."""
+        return self._pool
+
+    @property
     def shape(self) -> Tuple[int, int]:
         """``(n_out, n_in)``."""
         return self.G.shape[1], self.U.shape[1]
