@@ -1,5 +1,6 @@
 """Dynamic sparse training, selection and similarity search: exact top-n, brute force vs faiss, LSH,
 conv unfolding, the brute-|ip| shortcut through ``weight.grad``, and the Figure 3.1 builder."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,8 +13,6 @@ from sparsebench.dst.capture import layer_vectors
 from sparsebench.dst.grow import LayerUpdate, SimilarityGrow
 from sparsebench.dst.search import (BruteForceSearch, FaissIndexSearch, FaissSearch, _merge_topn,
                                     _per_query_candidates, per_query_topn)
-import numpy as np
-
 from sparsebench.dst.selection import kth_np, top_and_kth_np, top_np, topk_indices
 from sparsebench.dst.similarity import AbsInnerProduct, L2Similarity, LSHSimilarity
 from sparsebench.dst.updater import DSTUpdater

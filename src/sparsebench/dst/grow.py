@@ -165,24 +165,22 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
     part = None
     if positive and absolute and isinstance(score_rows, ProductRows) and layer.excluded is not None:
         part = nonzero_part(score_rows.G, score_rows.U, layer.excluded)
-    if part is not None:
+    if part is None:
+        v, f = _blocked_topn_all(score_rows, layer, n, block_elements, absolute, memo)
+    else:
         Gp, Up, ex, rows, cols = part
         sub_memo = memo.setdefault(("nonzero_part", layer.name), {}) if memo is not None else {}
-        v, f = blocked_topn(ProductRows(Gp, Up, score_rows.pool), layer.restricted(ex, (rows.numel(), cols.numel())),
-                            n, block_elements, True, sub_memo)
+        v, f = _blocked_topn_all(ProductRows(Gp, Up, score_rows.pool), layer.restricted(ex, (rows.numel(), cols.numel())),
+                                 n, block_elements, True, sub_memo)
         for k in [k for k in sub_memo if isinstance(k, tuple) and k[0] == "sample"]:
             del sub_memo[k]  # sample positions depend on the part's size, which changes every update
         if memo is not None and "scan_misses" in sub_memo:
             memo["scan_misses"] = memo.get("scan_misses", 0) + sub_memo.pop("scan_misses")
+        f = rows[f // cols.numel()] * layer.shape[1] + cols[f % cols.numel()]
+    if positive and absolute:
         ok = v > 0
         v, f = v[ok], f[ok]
-        c = cols.numel()
-        return v, rows[f // c] * layer.shape[1] + cols[f % c]
-    got = _blocked_topn_all(score_rows, layer, n, block_elements, absolute, memo)
-    if positive and absolute:
-        ok = got[0] > 0
-        got = (got[0][ok], got[1][ok])
-    return got
+    return v, f
 
 
 def _blocked_topn_all(score_rows, layer: LayerUpdate, n: int, block_elements: int, absolute: bool,
@@ -376,9 +374,10 @@ class GrowCriterion:
         return topk_indices(s.view(-1), layer.n, hint=self._hints.setdefault(layer.name, {}), exclude=layer.mask_flat,
                             memo=self._memo)
 
-    def random_fill(self, layer: LayerUpdate, n: int, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``n`` random growable positions (not in ``exclude``), counted in ``stats['random_fill']``."""
-        self.count("random_fill", n)
+    def random_fill(self, layer: LayerUpdate, n: int, exclude: Optional[torch.Tensor] = None,
+                    stat: str = "random_fill") -> torch.Tensor:
+        """``n`` random growable positions (not in ``exclude``), counted in ``stats[stat]``."""
+        self.count(stat, n)
         return layer.random_growable(n, self.generator, exclude=exclude)
 
     def count(self, key: str, value: float) -> None:
@@ -454,8 +453,7 @@ class GradientGrow(GrowCriterion):
                                  absolute=True, memo=self._memo, positive=True)
         short = layer.n - chosen.numel()
         if short > 0:  # every other growable position has |dL/dW| = 0: tied, drawn at random among them
-            self.count("zero_ties", short)
-            chosen = torch.cat([chosen, layer.random_growable(short, self.generator, exclude=chosen)])
+            chosen = torch.cat([chosen, self.random_fill(layer, short, exclude=chosen, stat="zero_ties")])
         return chosen
 
 

@@ -426,11 +426,9 @@ def nonzero_part(G: torch.Tensor, U: torch.Tensor, excluded: torch.Tensor, at_mo
         r = np.arange(n_out)
     if not cut_c:
         c = np.arange(n_in)
-    if cut_r:  # the excluded positions of the kept rows: one slice of the sorted list per row, by a repeat
-        starts = np.searchsorted(ex, r * n_in)
-        lens = np.searchsorted(ex, (r + 1) * n_in) - starts
-        first = np.cumsum(lens) - lens
-        ex = ex[np.repeat(starts - first, lens) + np.arange(int(lens.sum()))] - np.repeat((r - np.arange(r.size)) * n_in, lens)
+    if cut_r:  # the excluded positions of the kept rows, renumbered to the kept row order
+        pos, row = excluded_of_rows(ex, r, n_in)
+        ex = pos - (r[row] - row) * n_in
         G = G.index_select(1, torch.from_numpy(r))
     if cut_c:
         cmap = np.full(n_in, -1, dtype=np.int64)
@@ -522,6 +520,17 @@ def sample_grid(n_out: int, n_in: int, size: int = 256,
             axis(n_in, None if norms is None else np.asarray(norms[1])))
 
 
+def excluded_of_rows(excluded: np.ndarray, rows: np.ndarray, n_in: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The ascending flat ``excluded`` positions (int64) that lie in the ascending ``rows`` of an ``(n_out, n_in)``
+    matrix, and for each the index of its row in ``rows``: one slice of the sorted list per row, gathered by one
+    repeat (no loop over rows)."""
+    starts = np.searchsorted(excluded, rows * n_in)
+    lens = np.searchsorted(excluded, (rows + 1) * n_in) - starts
+    first = np.cumsum(lens) - lens
+    pos = excluded[np.repeat(starts - first, lens) + np.arange(int(lens.sum()))]
+    return pos, np.repeat(np.arange(rows.size), lens)
+
+
 def sampled_threshold(sample: np.ndarray, ri: np.ndarray, ci: np.ndarray, n_in: int, n: int, N: int,
                       excluded: Optional[np.ndarray] = None, margin: float = 1.5) -> Optional[float]:
     """A threshold that about ``margin * n`` of the growable entries of an ``(n_out, n_in)`` score matrix
@@ -535,20 +544,15 @@ def sampled_threshold(sample: np.ndarray, ri: np.ndarray, ci: np.ndarray, n_in: 
     Returns the threshold, or None when the grid is too small for the rank (a share of ``1 / margin`` or
     more) or every growable grid score is below it (``-inf``)."""
     a = np.array(sample, dtype=np.float32).reshape(-1)
-    R, C = len(ri), len(ci)
+    C = len(ci)
     Ng = N
     if excluded is not None and excluded.size:
         Ng = N - excluded.size
-        starts = np.searchsorted(excluded, ri * n_in)
-        lens = np.searchsorted(excluded, (ri + 1) * n_in) - starts
-        tot = int(lens.sum())
-        if tot:  # the excluded positions of the sampled rows, gathered by one repeat (no loop over rows)
-            first = np.cumsum(lens) - lens
-            pos = excluded[np.repeat(starts - first, lens) + np.arange(tot)]
-            row = np.repeat(np.arange(R), lens)
+        pos, row = excluded_of_rows(excluded, ri, n_in)  # the excluded positions of the sampled rows
+        if pos.size:
             inv = np.full(n_in, -1, dtype=np.int64)
             inv[ci] = np.arange(C)
-            col = inv[pos - np.repeat(ri * n_in, lens)]
+            col = inv[pos - ri[row] * n_in]
             hit = col >= 0
             a[row[hit] * C + col[hit]] = _NEG_INF
     size = int(np.count_nonzero(a > _NEG_INF))
@@ -703,28 +707,17 @@ def largest_indices(v: torch.Tensor, n: int) -> torch.Tensor:
 def _sample_quantile(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict]) -> Optional[float]:
     """:func:`block_top`'s threshold: the score (``absolute``: ``|score|``) at :func:`_sample_rank`'s rank from the
     top of a fixed sample of the 1-D block ``s`` (NaN entries left out), or None if every sampled score is NaN.
-    On the CPU the gather, NaN filter and abs run in numpy on a shared view, the rank in :func:`kth_np`
-    (``np.partition`` of the sample took 1.4 of fc5's 3.2 ms of per-block selection per update in
-    session 12: dead units' zero scores are ties); the same value either way."""
+    The gather runs on a shared numpy view on the CPU (elsewhere the sample is copied to the host), the NaN
+    filter and abs in numpy, the rank in :func:`kth_np` (``np.partition`` of the sample took 1.4 of fc5's
+    3.2 ms of per-block selection per update in session 12: dead units' zero scores are ties)."""
     N = s.numel()
     pos = _sample_positions(N, min(8192, N // 8), s.device, memo)
     a = host_view(s)
-    if isinstance(a, np.ndarray):
-        sub = a.reshape(-1)[pos.numpy()]
-        sub = sub[~np.isnan(sub)]
-        if absolute:
-            sub = np.abs(sub)
-        size = sub.size
-        if not size:
-            return None
-        return kth_np(sub, _sample_rank(n, N, size))
-    sub = s[pos]
-    sub = sub[~torch.isnan(sub)]
-    sub = sub.abs() if absolute else sub
-    size = sub.numel()
-    if not size:
-        return None
-    return float(torch.kthvalue(sub.cpu(), size - _sample_rank(n, N, size) + 1).values)
+    sub = a.reshape(-1)[pos.numpy()] if isinstance(a, np.ndarray) else s[pos].float().cpu().numpy()
+    sub = sub[~np.isnan(sub)]
+    if absolute:
+        sub = np.abs(sub)
+    return kth_np(sub, _sample_rank(n, N, sub.size)) if sub.size else None
 
 
 def block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict],
