@@ -118,6 +118,29 @@ def test_sampled_threshold_topk_is_exact(largest):
 
 
 
+def test_block_threshold_passes_about_n_scores_and_memo_holds_few_samples():
+    # a large block: the sample quantile lets at least n pass, and not many more than the sample's rank implies
+    # (1.2 n plus four standard errors); a small block or a large n: the exact n-th largest; the per-layer memo
+    # keeps at most SAMPLES_HELD samples
+    from sparsebench.dst.selection import SAMPLES_HELD, _sample_rank, block_threshold
+    gen = torch.Generator().manual_seed(3)
+    memo = {}
+    for N, n, absolute in [(784_000, 2000, True), (784_000, 2000, False), (200_000, 500, True)]:
+        s = torch.randn(N, generator=gen)
+        t = block_threshold(s, n, absolute, memo)
+        a = s.abs() if absolute else s
+        passed = int((a >= t).sum())
+        size = min(8192, N // 8)
+        assert n <= passed <= 1.5 * N * _sample_rank(n, N, size) / size, (N, n, passed)
+    for N, n in [(1000, 10), (50_000, 10_000)]:  # exact: the n-th largest
+        s = torch.randn(N, generator=gen)
+        assert block_threshold(s, n, False, memo) == float(torch.topk(s, n).values[-1])
+        assert block_threshold(s, n, True, memo) == float(torch.topk(s.abs(), n).values[-1])
+    for N in range(20_000, 20_000 + 8 * 1000, 1000):  # a nonzero part changes size at every update
+        block_threshold(torch.randn(N, generator=gen), 10, True, memo)
+    assert sum(1 for k in memo if isinstance(k, tuple) and k[0] == "sample") == SAMPLES_HELD
+
+
 @pytest.mark.parametrize("largest", [True, False])
 def test_numpy_selection_primitives_equal_a_full_sort_on_tied_scores(largest):
     # top_np / kth_np / top_and_kth_np (torch.topk on a numpy view; numpy's partition is 10-25x slower on

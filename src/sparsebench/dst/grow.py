@@ -172,8 +172,6 @@ def blocked_topn(score_rows: Callable[[int, int], torch.Tensor], layer: LayerUpd
         sub_memo = memo.setdefault(("nonzero_part", layer.name), {}) if memo is not None else {}
         v, f = _blocked_topn_all(ProductRows(Gp, Up, score_rows.pool), layer.restricted(ex, (rows.numel(), cols.numel())),
                                  n, block_elements, True, sub_memo)
-        for k in [k for k in sub_memo if isinstance(k, tuple) and k[0] == "sample"]:
-            del sub_memo[k]  # sample positions depend on the part's size, which changes every update
         if memo is not None and "scan_misses" in sub_memo:
             memo["scan_misses"] = memo.get("scan_misses", 0) + sub_memo.pop("scan_misses")
         f = rows[f // cols.numel()] * layer.shape[1] + cols[f % cols.numel()]

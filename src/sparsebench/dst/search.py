@@ -29,7 +29,7 @@ import torch
 
 from sparsebench.core.errors import ConfigError
 from sparsebench.core.registry import Registry
-from sparsebench.dst.selection import (_NEG_INF, SCAN_MIN_ELEMENTS, ProductRows, block_top, drop_sorted, host_view,
+from sparsebench.dst.selection import (_NEG_INF, SCAN_MIN_ELEMENTS, ProductRows, block_threshold, drop_sorted, host_view,
                                        nonzero_part,
                                        prefiltered_above, sample_grid, sampled_threshold, select_above, top_and_kth_np,
                                        top_np, topk_indices)
@@ -453,9 +453,10 @@ class FaissSearch(Search):
         preselected pair's rank in its query's list (column ``i``, its sign) is then exact, because every
         pair of that list scoring higher is preselected as well (:func:`_within_rank`); the growable
         listed pairs (the sorted ``layer.excluded`` dropped by a binary search) are the answer's
-        candidates, and if ``n`` remain their top-n is :meth:`find`'s set up to ties. ``t`` is the first
-        block's score at its share of ``margin * n`` (1.3 to 4, grown after a miss) plus four standard
-        deviations; a miss halves ``t`` (twice) and scores the blocks again, then falls back to
+        candidates, and if ``n`` remain their top-n is :meth:`find`'s set up to ties. ``t`` lets the first
+        block's share of ``margin * n`` (1.3 to 4, grown after a miss) plus four standard deviations pass
+        (:func:`~sparsebench.dst.selection.block_threshold`: a sample quantile; that block's select is then the
+        only pass over it); a miss halves ``t`` (twice) and scores the blocks again, then falls back to
         :meth:`find_bounded`. With ``abs_ip`` (the scores are ``dL/dW``) where the bf16 product pays, ``t``
         comes from a grid of the scores instead (:func:`~sparsebench.dst.selection.sampled_threshold` over
         every pair, active ones included) and the pairs above it from
@@ -511,8 +512,7 @@ class FaissSearch(Search):
                 sflat = self.metric.signed_scores(G[:, :r1], U, out=buf[:r1 * n_in].view(r1, n_in)).reshape(-1)
                 share = margin * n * sflat.numel() / N
                 m = min(sflat.numel(), int(math.ceil(share + 4.0 * math.sqrt(share))) + 1)
-                _, v1 = block_top(sflat, m, two, None, torch.empty(0, dtype=torch.long))
-                t, first = (float(v1.min()) if v1.numel() else 0.0), sflat
+                t, first = block_threshold(sflat, m, two, hint), sflat  # about m pass; the select below is the pass
                 if two and not t > 0:  # zero scores reach both lists: the exact ranks need t > 0
                     return whole()
             got = None

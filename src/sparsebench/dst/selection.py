@@ -119,18 +119,26 @@ def random_growable(mask_flat: Optional[torch.Tensor], n: int, generator: torch.
     return cand[perm[:n]]
 
 
+SAMPLES_HELD = 4  # sample position sets a memo holds (a layer's blocks: full and last; a nonzero part's size changes)
+
+
 def _sample_positions(N: int, size: int, device: torch.device, memo: Optional[dict] = None) -> torch.Tensor:
     """A fixed random sample (with replacement) of ``size`` positions in ``[0, N)``, drawn once per
     ``(N, size, device)`` from a generator seeded by ``(N, size)`` alone (the same sample in every
     process, whatever was drawn before: a resumed run selects exactly like an uninterrupted one):
     the scores change between calls, so a fixed sample stays a random one. ``memo`` (the caller's
-    per-layer hint dict, when it keeps one) holds the sample between calls; nothing is cached globally."""
+    per-layer hint dict, when it keeps one) holds the last :data:`SAMPLES_HELD` samples between calls
+    (older ones are dropped: a layer's nonzero part has a new size at every update); nothing is cached
+    globally."""
     key = ("sample", N, size, str(device))
     idx = memo.get(key) if memo is not None else None
     if idx is None:
         gen = torch.Generator().manual_seed(20200701 + 1_000_003 * N + size)
         idx = torch.randint(0, N, (size,), generator=gen).to(device)
         if memo is not None:
+            held = [k for k in memo if isinstance(k, tuple) and k and k[0] == "sample"]
+            for k in held[:max(0, len(held) + 1 - SAMPLES_HELD)]:  # the oldest first (dicts keep insertion order)
+                del memo[k]
             memo[key] = idx
     return idx
 
@@ -718,6 +726,22 @@ def _sample_quantile(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dic
     if absolute:
         sub = np.abs(sub)
     return kth_np(sub, _sample_rank(n, N, sub.size)) if sub.size else None
+
+
+def block_threshold(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict]) -> float:
+    """A threshold that at least about ``n`` scores of the 1-D block ``s`` (``absolute``: ``|s|``) exceed, for
+    one :func:`select_above` pass that keeps every score above it: :func:`_sample_quantile` (the ``1.2 n / N``
+    quantile plus four standard errors of a fixed sample) for a block of at least 16384 scores with
+    ``n <= N / 16``, else the exact ``n``-th largest. No NaN in ``s``. Cheaper than :func:`block_top`'s exact
+    top-n when the caller needs only the threshold (session 13, 784 x 1000 scores, one thread: 0.08 ms against
+    0.3 ms, and no second pass)."""
+    N = s.numel()
+    if N >= 16384 and n <= N // 16:
+        t = _sample_quantile(s, n, absolute, memo)
+        if t is not None:
+            return float(t)
+    a = s.abs() if absolute else s
+    return float(torch.topk(a.reshape(-1), max(1, min(n, N)), sorted=False).values.min()) if N else 0.0
 
 
 def block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict],
