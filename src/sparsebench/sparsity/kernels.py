@@ -43,11 +43,11 @@ copies nothing. CPU float32 only; other devices / dtypes run the ``torch_csr`` p
 ``native`` (ours; first in :data:`AUTO_ORDER` wherever it builds: AVX-512 and a C++ compiler,
 :mod:`sparsebench.sparsity.native`): compiled AVX-512 kernels on the same lean layout, transpose-free
 at batch <= 256 (a fused scatter backward) and with a per-call counting-sort transpose above (see
-:class:`NativeKernels`). Measured in ``results/bench/sparse_train.txt`` (one training step, SGD
-momentum): on the wide MLP at 1%, batch 100, 1 thread 9.3 ms against sparseprop's 15.7 (1.69x, the
-transpose-free library at the same memory) and torch CSR's 10.9 (1.17x, with 1.75x the memory); on fc5,
-where per-layer overheads dominate, 1.34x sparseprop. At the benchmark's 24 settings of density <= 0.1
-it is 0.95-1.31x the best library (below 1 in one: fc5 at 1%, batch 1024, 1 thread), at 1.2 instead of 1.75-1.8 x
+:class:`NativeKernels`). Measured in ``results/bench/sparse_train.txt`` (2026-12-03; one training step,
+SGD momentum): on the wide MLP at 1%, batch 100, 1 thread 7.5 ms against sparseprop's 14.6 (1.93x, the
+transpose-free library at the same memory) and torch CSR's 11.3 (1.51x, with 1.75x the memory); on fc5,
+where per-layer overheads dominate, 1.49x torch CSR. At the benchmark's 24 settings of density <= 0.1
+it is 1.15-2.14x the best library (the 1.15x: fc5 at 1%, batch 1024, 2 threads), at 1.2 instead of 1.75-1.8 x
 density x dense memory: the only backend here that meets both the speed and the memory targets. Where
 the library cannot be built, ``auto`` falls back to sparseprop, then torch CSR.
 """
@@ -384,9 +384,11 @@ class NativeKernels(TorchCSRKernels):
     * the weight-only gradient (a first layer): the row-parallel SDDMM.
 
     Kept (issue 14: an own kernel only where >= 1.5x faster than the best library) because the library
-    backends at its memory (sparseprop, sparselab) are 1.69x / 1.56x slower on the wide MLP at 1%
-    (batch 100, 1 thread) and torch CSR, 1.17x slower there, comes close only through a cached
-    transposed structure (1.75x memory); on fc5 the margin is smaller (1.34x; module docstring). Chunk
+    backends at its memory (sparseprop, sparselab) are 1.93x / 1.93x slower on the wide MLP at 1%
+    (batch 100, 1 thread; ``results/bench/sparse_train.txt`` of 2026-12-03) and torch CSR, 1.51x slower
+    there, needs a cached transposed structure (1.75x memory); over the benchmark's 24 settings of density
+    <= 10% the best library is 1.15-2.14x slower, at least 1.5x at 15 of them (the smaller margins at
+    batch 1024 and on fc5: 1.49x at 1%, batch 100, 1 thread). Chunk
     widths (batch columns per register block) were chosen by measurement on each CPU vendor's machine
     (:attr:`CHUNKS`): :attr:`FWD_CHUNK` / :attr:`BWD_CHUNK` up to batch :attr:`SMALL_BATCH`,
     :attr:`FWD_CHUNK_LARGE` / :attr:`BWD_CHUNK_LARGE` above. Tensors off the
