@@ -44,6 +44,15 @@ without updates (fixed sparse topology), interleaved over ``--reps``. Reported: 
 update and the median of the later ones, the update's share of training time, and the measured ratio to
 the fixed topology (the repetition with the smallest wall time).
 Target (issue 14): at ΔT=100 the similarity grow adds <= 5%.
+
+On CUDA (``--device cuda``, one in-process run, the GPU check's ``sparse_train`` step): the same model,
+batch and density rows for ``dense``, ``masked``, ``ours`` and ``torch_csr``, whose products there are
+cuSPARSE CSR (``torch.sparse.mm`` and ``sampled_addmm``; the compiled backends take CPU float32 only, so
+``ours`` runs the same CSR products), each sample a burst timed between ``torch.cuda.synchronize`` calls.
+No BSR row: the masks are unstructured, and a 1% uniform random mask leaves about 92% of its 16 x 16 blocks
+non-empty (``1 - 0.99^256``), so BSR would store and multiply a nearly dense matrix;
+``scripts/bench_sparse_forward.py`` times BSR on block-pruned masks. The similarity grow's CUDA rows are
+``scripts/bench_dst.py --device cuda``'s (the GPU check's ``dst`` step).
 """
 import argparse
 import json
@@ -63,8 +72,9 @@ BATCHES = (100, 1024)
 GROW_STEPS = 500  # steps of a similarity-grow run at dT=100: updates at steps 100, 200, ..., a first one included
 
 
-def build(dims, density, variant, seed=0, batch=100):
-    """``(model, optimizer)`` of ``variant`` for an MLP of layer widths ``dims``."""
+def build(dims, density, variant, seed=0, batch=100, device="cpu"):
+    """``(model, optimizer)`` of ``variant`` for an MLP of layer widths ``dims`` on ``device`` (the libraries:
+    CPU only, ValueError elsewhere)."""
     import torch
     from torch import nn
 
@@ -73,6 +83,8 @@ def build(dims, density, variant, seed=0, batch=100):
     from sparsebench.sparsity.sparse_linear import default_max_density, sparsify_for_training
 
     torch.manual_seed(seed)
+    if variant in ("sparselab", "sparseprop") and torch.device(device).type != "cpu":
+        raise ValueError(f"{variant} runs on the CPU only")
     if variant == "sparselab":
         import sparselab
 
@@ -84,7 +96,7 @@ def build(dims, density, variant, seed=0, batch=100):
     layers = []
     for i in range(len(dims) - 1):
         layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
+    model = nn.Sequential(*layers[:-1]).to(device)
     masking = None
     if variant != "dense":
         masking = Masking(model)
@@ -131,27 +143,30 @@ def extra_index_bytes(model):
     return total
 
 
-def worker(threads, reps, full, libs, models, batches):
+def worker(threads, reps, full, libs, models, batches, device="cpu"):
+    """Rows of one thread count (``device="cpu"``) or of one CUDA device (``threads`` 0: recorded as such)."""
     import torch
     import torch.nn.functional as F
 
     from sparsebench.sparsity.sparse_linear import SparseTrainLinear, set_update, state_bytes
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     rows = []
     for mname in models:
         dims = MODELS[mname]
         for batch in batches:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(batch, dims[0], generator=g)
-            y = torch.randint(0, dims[-1], (batch,), generator=g)
-            variants = {("dense", 1.0): build(dims, 1.0, "dense")}
+            x = torch.randn(batch, dims[0], generator=g).to(device)
+            y = torch.randint(0, dims[-1], (batch,), generator=g).to(device)
+            variants = {("dense", 1.0): build(dims, 1.0, "dense", device=device)}
             for d in DENSITIES:
                 for v in ("masked", "ours") + tuple(libs):
                     if v in libs and d == 0.5 and mname == "wide" and not full:
                         continue
                     try:
-                        variants[(v, d)] = build(dims, d, v, batch=batch)
+                        variants[(v, d)] = build(dims, d, v, batch=batch, device=device)
                     except Exception as err:  # a library that does not build here: say why
                         rows.append({"model": mname, "batch": batch, "threads": threads, "variant": v,
                                      "density": d, "error": f"{type(err).__name__}: {err}"[:120]})
@@ -170,16 +185,20 @@ def worker(threads, reps, full, libs, models, batches):
             burst = {}
             for k, (model, opt) in variants.items():
                 step(model, opt)  # warm-up (and optimizer state allocated)
+                sync()
                 t = time.perf_counter()
                 step(model, opt)
+                sync()
                 burst[k] = max(1, min(BURST_MAX, math.ceil(BURST_SECONDS / max(time.perf_counter() - t, 1e-6))))
             nreps = max(1, reps - 1) if (mname == "wide" and batch >= 1024) else reps
             for _ in range(nreps):
                 for k, (model, opt) in variants.items():  # interleaved: one sample of every variant per repetition
                     step(model, opt)  # untimed: refills the caches the other variants' steps evicted
+                    sync()
                     t = time.perf_counter()
                     for _ in range(burst[k]):
                         step(model, opt)
+                    sync()
                     times[k].append((time.perf_counter() - t) / burst[k])
             for (v, d), ts in times.items():
                 model, opt = variants[(v, d)]
@@ -191,10 +210,12 @@ def worker(threads, reps, full, libs, models, batches):
                              "sparse_layers": len(sparse)})
             del variants
     # one SET topology update of the wide model at 1% (drop / grow 30% of every layer)
-    model, opt = build(MODELS["wide"], 0.01, "ours")
+    model, opt = build(MODELS["wide"], 0.01, "ours", device=device)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseTrainLinear)}
+    sync()
     t = time.perf_counter()
     set_update(layers, 0.3, opt, generator=torch.Generator().manual_seed(0))
+    sync()
     rows.append({"model": "wide", "batch": 0, "threads": threads, "variant": "set_update", "density": 0.01,
                  "min": time.perf_counter() - t, "median": 0.0, "reps": 1, "bytes": 0, "sparse_layers": len(layers)})
     return rows
@@ -300,6 +321,11 @@ def grow_report(rows):
     return out
 
 
+def _where(threads):
+    """How a row ran: ``"<n> thread(s)"`` on the CPU, ``"CUDA"`` for the device run (threads 0)."""
+    return f"{threads} thread(s)" if threads else "CUDA"
+
+
 def _weight_mem(r, dense, d):
     """Weights + their gradients + optimizer state + indices, over ``d`` x the dense model's (no biases)."""
     return (r["bytes"] - r["bias_bytes"]) / (d * (dense["bytes"] - dense["bias_bytes"]))
@@ -323,7 +349,7 @@ def report(rows, libs):
                 dense = key.get((mname, batch, threads, "dense", 1.0))
                 if dense is None:
                     continue
-                out.append(f"\n{mname} {'-'.join(map(str, MODELS[mname]))}, batch {batch}, {threads} thread(s); "
+                out.append(f"\n{mname} {'-'.join(map(str, MODELS[mname]))}, batch {batch}, {_where(threads)}; "
                            f"dense step min {dense['min'] * 1e3:.1f} ms (median {dense['median'] * 1e3:.1f}), "
                            f"state {dense['bytes'] / 2**20:.1f} MiB")
                 out.append(f"  {'density':>7} {'variant':>11} {'min ms':>9} {'med ms':>9} {'x dense':>8} "
@@ -355,7 +381,7 @@ def targets(rows, libs):
             continue
         for th in sorted({r["threads"] for r in rows}):
             s = key[(mname, 100, th, "dense", 1.0)]["min"] / key[(mname, 100, th, "ours", 0.01)]["min"]
-            lines.append(f"  {mname} 1% batch 100, {th} thread(s): {s:.2f}x over dense (target >= {want}x): "
+            lines.append(f"  {mname} 1% batch 100, {_where(th)}: {s:.2f}x over dense (target >= {want}x): "
                          f"{'met' if s >= want else 'MISSED'}")
     worst_masked, worst_lib, worst_mem, worst_all = 0.0, 10.0, 0.0, 0.0
     for (m, b, th, v, d), r in key.items():
@@ -378,7 +404,7 @@ def targets(rows, libs):
                  f"with the dense biases {worst_all:.2f}")
     for r in rows:
         if r["variant"] == "set_update":
-            lines.append(f"  SET update (30% of the wide model at 1%), {r['threads']} thread(s): {r['min'] * 1e3:.1f} ms")
+            lines.append(f"  SET update (30% of the wide model at 1%), {_where(r['threads'])}: {r['min'] * 1e3:.1f} ms")
     return lines
 
 
@@ -393,6 +419,8 @@ def main():
                                                    "bench", "sparse_train.txt"))
     ap.add_argument("--no-grow", action="store_true", help="skip the similarity-grow rows")
     ap.add_argument("--grow-only", action="store_true", help="only the similarity-grow rows")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: one in-process run on the GPU (dense / masked / ours / torch CSR = cuSPARSE)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     libs = ["torch_csr"]
@@ -414,6 +442,17 @@ def main():
     from sparsebench.sparsity.sparse_linear import default_max_density
 
     t0 = time.time()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA device visible to this torch "
+                  f"({torch.__version__}); run without --device for the CPU rows", file=sys.stderr)
+            return 2
+        head = [f"bench_sparse_train --device cuda: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"{torch.cuda.get_device_name(0)}, optimizer SGD momentum 0.9, ours: the CSR products "
+                "(compiled backends are CPU-only), torch_csr: cuSPARSE CSR; no BSR row (module docstring)"]
+        rows = worker(0, args.reps, args.full, ["torch_csr"], args.models, args.batches, device="cuda")
+        lines = head + report(rows, ["torch_csr"]) + targets(rows, ["torch_csr"])
+        return _write(lines, t0, args.out)
     rows, head = [], [f"bench_sparse_train: torch {torch.__version__}, {os.cpu_count()} CPUs, optimizer SGD momentum 0.9, "
                       f"ours: backend {resolve_kernels('auto')} (kernels 'auto'), layers above density "
                       f"default_max_density(batch) ({default_max_density(100):.3f} at batch 100, "
@@ -432,12 +471,19 @@ def main():
         rows += json.loads(res.stdout.strip().splitlines()[-1])
     bench_rows = [r for r in rows if r.get("variant") != "grow"]
     lines = head + (report(bench_rows, libs) + targets(bench_rows, libs) if bench_rows else []) + grow_report(rows)
-    lines.append(f"\nload average after {os.getloadavg()}; wall {time.time() - t0:.0f} s")
+    return _write(lines, t0, args.out)
+
+
+def _write(lines, t0, out):
+    """Print the report and write it to ``out`` (whole or not at all: a temporary file renamed)."""
+    lines = lines + [f"\nload average after {os.getloadavg()}; wall {time.time() - t0:.0f} s"]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, out)
     return 0
 
 

@@ -16,6 +16,8 @@
 #              the full-MNIST label-spreading pipeline (torch brute k-NN on the GPU + CG); document: A100 16 s
 #   dst        scripts/bench_dst.py --device cuda --wrn 28x5: fixed mask vs RigL / similarity grow (faiss and
 #              brute) at dT=100 and dT=1, ratios and update shares (the CUDA rows of the sparse-training bench)
+#   sparse_train scripts/bench_sparse_train.py --device cuda: truly sparse training steps (issue 14) of fc5 and
+#              784-4096-4096-10 at 50/10/5/1%, batch 100 and 1024: dense, masked, ours, torch CSR (cuSPARSE)
 #   sparse_fwd scripts/bench_sparse_forward.py: CSR / BSR rows on CPU and CUDA, 2:4 semi-structured rows (CUDA)
 #   tests      the CUDA-only tests (the test files that skip without CUDA, -k cuda)
 # Targets (issue 13): WRN-28x5 >= 10k images/s bf16, masked within 10% of dense, RigL dT=100 <= 3% overhead,
@@ -176,6 +178,7 @@ if [ "$DRY" = 1 ]; then
   LPA_ARGS=(method.n_samples=1000)
   DST_ARGS=(--device cpu --wrn 10x1 --batch-mlp 16 --batch-wrn 4 --steps-mlp 3 --steps-wrn 2 --reps 1 --threads 2)
   FWD_ARGS=(--repeats 1 --batch 8 --latency-batch 1 --throughput-batch 16 --throughput-repeats 1)
+  SPT_ARGS=(--device cpu --models fc5 --batches 16 --reps 1 --threads 2 --no-grow)
   TRAIN_VARIANTS=("--channels-last")  # amp / compile: the same code with other flags (bf16 and inductor are slow on CPU)
 else
   DEV=cuda
@@ -184,6 +187,7 @@ else
   LPA_ARGS=()
   DST_ARGS=(--device cuda --wrn 28x5 --batch-mlp 128 --batch-wrn 256 --steps-mlp 200 --steps-wrn 110 --reps 1 --threads 16)
   FWD_ARGS=(--repeats 20 --throughput-repeats 5)
+  SPT_ARGS=(--device cuda --reps 3)
   TRAIN_VARIANTS=("--amp --channels-last" "" "--amp" "--amp --channels-last --compile")
 fi
 
@@ -201,6 +205,9 @@ run_step lpa 90 "$OUTDIR/gpu_lpa.txt" env "SPARSEBENCH_DATA=$MNIST_ROOT" "$PY" r
 
 run_step dst 150 "$OUTDIR/gpu_dst.txt" env "SPARSEBENCH_DATA=$MNIST_ROOT" "$PY" scripts/bench_dst.py "${DST_ARGS[@]}" \
   --out "$WORK/dst.txt"
+
+run_step sparse_train 60 "$OUTDIR/gpu_sparse_train.txt" "$PY" scripts/bench_sparse_train.py "${SPT_ARGS[@]}" \
+  --out "$WORK/sparse_train.txt"
 
 for v in "${TRAIN_VARIANTS[@]:3}"; do
   # shellcheck disable=SC2086
@@ -222,6 +229,8 @@ run_step cuda_tests 120 "$OUTDIR/gpu_tests.txt" "$PY" -m pytest -o addopts= -q -
   echo "#   similarity grow dT=1 <= 1.5x, label spreading on full MNIST <= 0.5 s; document: A100 16 s)"
   grep -h -E "^== |^  (dense|masked 80%)" "$OUTDIR/gpu_train.txt" 2>/dev/null | sed 's/^/  train: /'
   grep -h -E "^(rigl dT=100|faiss_grow (faiss|brute) dT=1 )" "$OUTDIR/gpu_dst.txt" 2>/dev/null | sed 's/^/  dst: /'
+  grep -h -E "^  (wide|fc5) 1% batch|^  at 50%|^  memory where" "$OUTDIR/gpu_sparse_train.txt" 2>/dev/null \
+    | sed 's/^ */  sparse_train: /'
   "$PY" - "$RUNS" <<'EOF' 2>/dev/null
 import sys
 from pathlib import Path

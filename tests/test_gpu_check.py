@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["fullscale", "train --channels-last", "lpa", "dst", "sparse_fwd", "cuda_tests"]
+STEPS = ["fullscale", "train --channels-last", "lpa", "dst", "sparse_train", "sparse_fwd", "cuda_tests"]
 
 
 def _bench_files():
@@ -30,9 +30,10 @@ def test_gpu_check_dry_run(tmp_path):
     for step in STEPS:
         (line,) = [ln for ln in summary.splitlines() if ln.startswith(step + " ")]
         assert " ok" in line, line
-    for name in ("fullscale", "train", "lpa", "dst", "sparse_forward", "tests"):
+    for name in ("fullscale", "train", "lpa", "dst", "sparse_train", "sparse_forward", "tests"):
         assert (tmp_path / "out" / f"gpu_{name}.txt").stat().st_size > 0
     assert "images/s" in (tmp_path / "out" / "gpu_train.txt").read_text()
+    assert "ours" in (tmp_path / "out" / "gpu_sparse_train.txt").read_text()
     assert "SYNTHETIC" in summary  # the dry run never uses the real sets, and says so
     assert _bench_files() == before  # nothing written to results/bench
     # under 2 minutes on 2 cores: judged on the CPU seconds the dry run used (about 65 s), since the wall

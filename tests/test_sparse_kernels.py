@@ -59,6 +59,55 @@ def test_forward_and_gradients_match_masked_dense(backend, density, bias):
         torch.testing.assert_close(layer.dense_weight(), w)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["torch_csr", "auto"])
+def test_cuda_sparse_layers_match_masked_dense_and_train_alike(backend):
+    # on CUDA the products are cuSPARSE CSR (torch.sparse.mm, sampled_addmm); "auto" resolves to a compiled CPU
+    # backend where one builds, which must hand CUDA tensors to those products: forward, dx and dv at the
+    # active positions equal the masked-dense layer's, and 20 SGD-momentum steps track the masked-dense model
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(5)
+    for density, bias in ((0.1, True), (0.01, False)):
+        out, inp, batch = 300, 200, 64
+        mask = _random_mask((out, inp), density, g)
+        w = torch.randn(out, inp, generator=g) * mask
+        b = torch.randn(out, generator=g) if bias else None
+        layer = SparseTrainLinear(w, mask, b, kernels=backend).to(dev)
+        assert layer.values.device.type == "cuda"
+        x = torch.randn(batch, inp, generator=g).to(dev).requires_grad_()
+        dy = torch.randn(batch, out, generator=g).to(dev)
+        (layer(x) * dy).sum().backward()
+        wd = w.to(dev).requires_grad_()
+        bd = b.to(dev).requires_grad_() if bias else None
+        xd = x.detach().clone().requires_grad_()
+        (F.linear(xd, wd, bd) * dy).sum().backward()
+        tol = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer(x), F.linear(xd, wd, bd), **tol)
+        torch.testing.assert_close(x.grad, xd.grad, **tol)
+        torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * mask.to(dev), **tol)
+    torch.manual_seed(0)
+    dense = MLP(20, 5, hidden=[64, 32]).to(dev)
+    masking = Masking(dense)
+    for name, w, _ in masking.items():
+        masking.set_mask(name, _random_mask(w.shape, 0.2, g).to(dev))
+    sparse = copy.deepcopy(dense)
+    conv = sparsify_for_training(sparse, Masking(sparse), max_density=1.0, kernels=backend)
+    assert conv.masking is None and len(conv.sparse) == 3
+    od = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    os_ = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
+    masking.attach(od)
+    x, y = torch.randn(256, 20, generator=g).to(dev), torch.randint(0, 5, (256,), generator=g).to(dev)
+    for step in range(20):
+        losses = []
+        for model, o in ((dense, od), (sparse, os_)):
+            o.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[step::8]), y[step::8])
+            loss.backward()
+            o.step()
+            losses.append(float(loss.detach()))
+        assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
+
+
 def test_structure_orders_and_errors():
     mask = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.float32)
     s = CSRStructure.from_mask(mask)
