@@ -453,6 +453,43 @@ def test_faiss_search_on_the_nonzero_part_of_a_sparse_layer_equals_the_full_sear
     assert got.numel() == n and set(got.tolist()) == want and not bool(mask[got].any())
 
 
+@pytest.mark.parametrize("metric_cls,k_similar", [(AbsInnerProduct, 0.15), (L2Similarity, 0.15)])
+def test_faiss_sparse_search_differs_from_the_full_search_only_by_ties(metric_cls, k_similar):
+    """On tied scores, as in standardized MNIST (pixels that are 0 across a batch become one constant: equal
+    columns of U) and dead units (zero columns of G: equal L2 distances), find_sparse may pick other pairs
+    than find, but only among ties: every pair in one answer and not the other has exactly its query's k-th
+    score (a tied list slot) or the answer's n-th score; none lies outside its query's list or below."""
+    from sparsebench.dst.search import _k_per_query
+
+    g = torch.Generator().manual_seed(21)
+    n_out, n_in, B, n = 300, 784, 32, 470  # LeNet's first layer: above the 16384 scores of a sampled threshold
+    G, U = torch.randn(B, n_out, generator=g), torch.randn(B, n_in, generator=g)
+    U[:, :300] = U[:, :1]  # 300 equal input columns
+    G[:, :40] = 0.0  # 40 dead output units
+    metric = metric_cls()
+    S = metric.signed_scores(G.t().contiguous().t(), U).reshape(-1)
+    S = S.abs() if len(metric.signs) == 2 else S
+    k = _k_per_query(k_similar, n_out)
+    kth = torch.topk(S.view(n_out, n_in), k, dim=0).values[-1]  # (n_in,): each query's k-th score
+    differ = 0
+    for trial in range(3):
+        mask = (torch.rand(n_out * n_in, generator=g) < 0.2).to(torch.uint8)
+        ex = mask.nonzero().squeeze(1)
+        lu = LayerUpdate("l", nn.Linear(n_in, n_out), None, None, n, U, G, shape=(n_out, n_in), excluded=ex)
+        ref = FaissSearch(metric, k_similar).find("l", G, U, mask, n)
+        got = FaissSearch(metric, k_similar).find_sparse("l", G, U, lu, n, 1 << 22)
+        assert got.numel() == n and got.unique().numel() == n and not bool(mask[got].any())
+        a, b = set(got.tolist()), set(ref.tolist())
+        differ += len(a ^ b)
+        for answer, other in ((got, a - b), (ref, b - a)):
+            nth = float(S[answer].min())
+            for f in other:
+                v = float(S[f])
+                assert v >= float(kth[f % n_in]) and v >= min(nth, float(S[got].min()), float(S[ref].min())), (f, v)
+                assert v == float(kth[f % n_in]) or v == float(S[got].min()) or v == float(S[ref].min()), (f, v)
+    assert differ > 0  # the ties do bite here (so the tie branch of the check is exercised)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("metric_cls,k_similar", [(AbsInnerProduct, 0.15), (AbsInnerProduct, 0.01), (L2Similarity, 0.02)])
 def test_faiss_search_on_sparse_layers_in_row_blocks_equals_the_full_search(monkeypatch, metric_cls, k_similar, bf16):
