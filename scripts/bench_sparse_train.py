@@ -475,15 +475,13 @@ def main():
 
 
 def _write(lines, t0, out):
-    """Print the report and write it to ``out`` (whole or not at all: a temporary file renamed)."""
+    """Print the report and write it to ``out`` whole or not at all (:func:`sparsebench.core.io.atomic_write_text`)."""
+    from sparsebench.core.io import atomic_write_text
+
     lines = lines + [f"\nload average after {os.getloadavg()}; wall {time.time() - t0:.0f} s"]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    atomic_write_text(out, text)
     return 0
 
 

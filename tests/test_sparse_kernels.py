@@ -24,6 +24,23 @@ BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(n not in available_kernels(
             for n in KERNELS.names()]
 
 
+def _assert_matches_masked_dense(layer, w, b, mask, x, dy):
+    """``layer``'s forward, input gradient, weight gradient at the active positions and bias gradient equal
+    the masked-dense ``F.linear(x, w, b)``'s (``w`` already masked; any device: ``x``'s)."""
+    (layer(x) * dy).sum().backward()
+    wd = w.to(x.device).requires_grad_()
+    bd = b.to(x.device).requires_grad_() if b is not None else None
+    xd = x.detach().clone().requires_grad_()
+    yd = F.linear(xd, wd, bd)
+    (yd * dy).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x), yd, **tol)
+    torch.testing.assert_close(x.grad, xd.grad, **tol)
+    torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * mask.to(x.device), **tol)
+    if b is not None:
+        torch.testing.assert_close(layer.bias.grad, bd.grad, **tol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
 @pytest.mark.parametrize("bias", [True, False])
@@ -43,18 +60,7 @@ def test_forward_and_gradients_match_masked_dense(backend, density, bias):
         if trial == 3:  # feature-major input, as a previous sparse layer returns it
             x = torch.randn(inp, batch, generator=g).t().requires_grad_()
         dy = torch.randn(batch, out, generator=g)
-        (layer(x) * dy).sum().backward()
-        wd = w.clone().requires_grad_()
-        bd = b.clone().requires_grad_() if bias else None
-        xd = x.detach().clone().requires_grad_()
-        yd = F.linear(xd, wd, bd)
-        (yd * dy).sum().backward()
-        tol = dict(rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(layer(x), yd, **tol)
-        torch.testing.assert_close(x.grad, xd.grad, **tol)
-        torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * mask, **tol)
-        if bias:
-            torch.testing.assert_close(layer.bias.grad, bd.grad, **tol)
+        _assert_matches_masked_dense(layer, w.clone(), b.clone() if bias else None, mask, x, dy)
         assert layer.nnz == int(mask.sum())
         torch.testing.assert_close(layer.dense_weight(), w)
 
@@ -76,36 +82,14 @@ def test_cuda_sparse_layers_match_masked_dense_and_train_alike(backend):
         assert layer.values.device.type == "cuda"
         x = torch.randn(batch, inp, generator=g).to(dev).requires_grad_()
         dy = torch.randn(batch, out, generator=g).to(dev)
-        (layer(x) * dy).sum().backward()
-        wd = w.to(dev).requires_grad_()
-        bd = b.to(dev).requires_grad_() if bias else None
-        xd = x.detach().clone().requires_grad_()
-        (F.linear(xd, wd, bd) * dy).sum().backward()
-        tol = dict(rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(layer(x), F.linear(xd, wd, bd), **tol)
-        torch.testing.assert_close(x.grad, xd.grad, **tol)
-        torch.testing.assert_close(layer.structure.to_dense(layer.values.grad), wd.grad * mask.to(dev), **tol)
-    torch.manual_seed(0)
-    dense = MLP(20, 5, hidden=[64, 32]).to(dev)
-    masking = Masking(dense)
-    for name, w, _ in masking.items():
-        masking.set_mask(name, _random_mask(w.shape, 0.2, g).to(dev))
-    sparse = copy.deepcopy(dense)
-    conv = sparsify_for_training(sparse, Masking(sparse), max_density=1.0, kernels=backend)
+        _assert_matches_masked_dense(layer, w, b, mask, x, dy)
+    dense, masking, sparse, conv = _models(0.2, device=dev, kernels=backend)
     assert conv.masking is None and len(conv.sparse) == 3
     od = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
     os_ = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
     masking.attach(od)
     x, y = torch.randn(256, 20, generator=g).to(dev), torch.randint(0, 5, (256,), generator=g).to(dev)
-    for step in range(20):
-        losses = []
-        for model, o in ((dense, od), (sparse, os_)):
-            o.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[step::8]), y[step::8])
-            loss.backward()
-            o.step()
-            losses.append(float(loss.detach()))
-        assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
+    _assert_train_alike((dense, od), (sparse, os_), x, y, [torch.arange(step, 256, 8) for step in range(20)])
 
 
 def test_structure_orders_and_errors():
@@ -140,16 +124,30 @@ def test_wide_inputs_use_int32_columns():
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t(), rtol=1e-4, atol=1e-4)
 
 
-def _models(density, seed=0):
+def _models(density, seed=0, device="cpu", kernels="auto"):
     torch.manual_seed(seed)
-    dense = MLP(20, 5, hidden=[64, 32])
+    dense = MLP(20, 5, hidden=[64, 32]).to(device)
     masking = Masking(dense)
     g = torch.Generator().manual_seed(seed)
     for name, w, _ in masking.items():
-        masking.set_mask(name, _random_mask(w.shape, density, g))
+        masking.set_mask(name, _random_mask(w.shape, density, g).to(device))
     sparse = copy.deepcopy(dense)
-    conv = sparsify_for_training(sparse, Masking(sparse), max_density=1.0)
+    conv = sparsify_for_training(sparse, Masking(sparse), max_density=1.0, kernels=kernels)
     return dense, masking, sparse, conv
+
+
+def _assert_train_alike(dense_opt, sparse_opt, x, y, batches):
+    """One optimizer step of both ``(model, optimizer)`` pairs per index tensor of ``batches``; the two losses
+    agree to 1e-3 (relative above 1) at every step."""
+    for step, idx in enumerate(batches):
+        losses = []
+        for model, o in (dense_opt, sparse_opt):
+            o.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            o.step()
+            losses.append(float(loss.detach()))
+        assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
@@ -166,16 +164,7 @@ def test_training_tracks_masked_dense(opt):
     masking.attach(od)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(256, 20, generator=g), torch.randint(0, 5, (256,), generator=g)
-    for step in range(30):
-        idx = torch.randint(0, 256, (32,), generator=g)
-        losses = []
-        for model, o in ((dense, od), (sparse, os_)):
-            o.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            o.step()
-            losses.append(float(loss.detach()))
-        assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
+    _assert_train_alike((dense, od), (sparse, os_), x, y, [torch.randint(0, 256, (32,), generator=g) for _ in range(30)])
     for name, layer in conv.sparse.items():
         torch.testing.assert_close(layer.dense_weight(), masking.weight(name).detach(), rtol=1e-3, atol=1e-4)
     # optimizer state lives on the values: no dense-shaped state for the sparse layers

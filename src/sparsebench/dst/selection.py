@@ -120,6 +120,16 @@ def random_growable(mask_flat: Optional[torch.Tensor], n: int, generator: torch.
 
 
 SAMPLES_HELD = 4  # sample position sets a memo holds (a layer's blocks: full and last; a nonzero part's size changes)
+SAMPLE_MIN_SCORES = 16384  # a selection's threshold comes from a fixed sample from this many scores on ...
+SAMPLE_MAX_SHARE = 16  # ... when at most 1 / this of them is asked for
+
+
+def _sample_pays(N: int, n: int) -> bool:
+    """Whether the top ``n`` of ``N`` scores are selected above a sample's quantile (one pass, then a top-n of
+    the few above it) rather than ranked directly: at least :data:`SAMPLE_MIN_SCORES` scores and ``n`` at most
+    ``N /`` :data:`SAMPLE_MAX_SHARE`. The one policy of :func:`topk_indices`, :func:`block_top` and
+    :func:`block_threshold`."""
+    return N >= SAMPLE_MIN_SCORES and n <= N // SAMPLE_MAX_SHARE
 
 
 def _sample_positions(N: int, size: int, device: torch.device, memo: Optional[dict] = None) -> torch.Tensor:
@@ -622,7 +632,7 @@ def _topk_np(arr: np.ndarray, n: int, largest: bool, sample: int, hint: Optional
                 break
             t = 0.5 * t if largest else 2.0 * t
     got = None
-    if N >= 16384 and n <= N // 16:
+    if _sample_pays(N, n):
         pos = host_view(_sample_positions(N, min(sample, N // 8), torch.device("cpu"), memo))
         sub = arr[pos] if exclude is None else arr[pos[exclude[pos] == 0]]
         size = sub.size
@@ -684,7 +694,7 @@ def topk_indices(scores, n: int, largest: bool = True, sample: int = 8192,
             raise ValueError(f"topk_indices: {n} positions requested, fewer are not excluded")
         scores = scores.masked_fill(bad, _NEG_INF if largest else float("inf"))
     N = scores.numel()
-    if N < 16384 or n > N // 16:
+    if not _sample_pays(N, n):
         return torch.topk(scores, n, largest=largest, sorted=False).indices
     size = min(sample, N // 8)
     sub = scores.index_select(0, _sample_positions(N, size, scores.device, memo))
@@ -731,15 +741,13 @@ def _sample_quantile(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dic
 def block_threshold(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict]) -> float:
     """A threshold that at least about ``n`` scores of the 1-D block ``s`` (``absolute``: ``|s|``) exceed, for
     one :func:`select_above` pass that keeps every score above it: :func:`_sample_quantile` (the ``1.2 n / N``
-    quantile plus four standard errors of a fixed sample) for a block of at least 16384 scores with
-    ``n <= N / 16``, else the exact ``n``-th largest. No NaN in ``s``. Cheaper than :func:`block_top`'s exact
-    top-n when the caller needs only the threshold (session 13, 784 x 1000 scores, one thread: 0.08 ms against
-    0.3 ms, and no second pass)."""
+    quantile plus four standard errors of a fixed sample) where :func:`_sample_pays`, else the exact ``n``-th
+    largest. No NaN in ``s``. Cheaper than :func:`block_top`'s exact top-n when the caller needs only
+    the threshold (session 13, 784 x 1000 scores, one thread: 0.08 ms against 0.3 ms, and no second pass)."""
     N = s.numel()
-    if N >= 16384 and n <= N // 16:
-        t = _sample_quantile(s, n, absolute, memo)
-        if t is not None:
-            return float(t)
+    t = _sample_quantile(s, n, absolute, memo) if _sample_pays(N, n) else None
+    if t is not None:
+        return float(t)
     a = s.abs() if absolute else s
     return float(torch.topk(a.reshape(-1), max(1, min(n, N)), sorted=False).values.min()) if N else 0.0
 
@@ -752,13 +760,12 @@ def block_top(s: torch.Tensor, n: int, absolute: bool, memo: Optional[dict],
     entries above it; when fewer than ``n`` pass (or for a small block), the excluded entries are marked
     NaN and every entry is ranked (:func:`topk_indices`)."""
     N = s.numel()
-    if N >= 16384 and n <= N // 16:
-        t0 = _sample_quantile(s, n, absolute, memo)
-        if t0 is not None:
-            i, v = select_above(s, t0, absolute, exclude=exclude)
-            if i.numel() >= n:
-                top = largest_indices(v, n)
-                return i[top.to(i.device)], v[top.to(v.device)]
+    t0 = _sample_quantile(s, n, absolute, memo) if _sample_pays(N, n) else None
+    if t0 is not None:
+        i, v = select_above(s, t0, absolute, exclude=exclude)
+        if i.numel() >= n:
+            top = largest_indices(v, n)
+            return i[top.to(i.device)], v[top.to(v.device)]
     _mark(s, exclude)
     if absolute:
         s = s.abs()
